@@ -6,18 +6,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 # Where fetched wheels and prepared datasets live (outside the repo; MovieLens may not be redistributed).
 export SSD4REC_CACHE ?= $(HOME)/.cache/ssd4rec_torchrec
+# mamba-ssm is built as a pure-Python wheel (no CUDA extension; its Triton kernels still ship).
+export MAMBA_FORCE_BUILD := TRUE
+export MAMBA_SKIP_CUDA_BUILD := TRUE
 
 .PHONY: setup data train test lint bench-data clean-venv
 
 setup: $(STAMP)
 
 # Builds .venv from nothing; a no-op when the requirement files did not change (idempotent).
+# (pip's "Location ... is ignored" warnings about this machine's local index mirrors are filtered out.)
+PIP_INSTALL = set -o pipefail; $(BIN)/pip install --disable-pip-version-check -q
+QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/check_env.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
-	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
-	  $(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -r requirements-nodeps.txt
-	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PIP_INSTALL) -r requirements.txt $(QUIET_PIP)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -r requirements-nodeps.txt $(QUIET_PIP)
+	$(PIP_INSTALL) --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	$(BIN)/python scripts/check_env.py
 	touch $@
 
