@@ -1,0 +1,297 @@
+"""SSD (Mamba-2) scan over packed variable-length sequences.
+
+`ssd_scan` computes, independently for every segment of a packed token axis (state reset to 0 at each
+segment start),
+
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * x_t ⊗ B_t        (h: (H, P, N) per token)
+    y_t = h_t · C_t + D * x_t
+
+which is what `mamba_ssm`'s `mamba_chunk_scan_combined(..., seq_idx=...)` computes for an already positive
+`dt`. Two implementations: the Triton kernel from mamba-ssm (`kernel="mamba"`) and a pure-torch chunked
+"dual form" (`kernel="torch"`) that runs anywhere and is differentiable by autograd:
+
+* inside each chunk of Q tokens, the output is a masked attention-like matmul
+  `Y = (L ∘ C Bᵀ)(dt ⊙ X)` with `L_ij = exp(a_{j+1} + ... + a_i)` for `j <= i` in the same segment;
+* chunk end states are propagated by a linear recurrence over chunks, itself evaluated blockwise in the
+  same dual form (`_segment_scan`, recursive), so there is no Python loop over tokens, segments or chunks
+  and memory stays O(T·Q·H) (never O(T²)).
+
+Segment boundaries need not align with chunks: a segment-equality mask is applied inside chunks and a
+state is only carried into tokens of the segment it belongs to. Decays are exponentiated only after
+masking (`exp(where(mask, s, -inf))`), so masked terms have exactly zero value and zero gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
+
+__all__ = ["mamba_ssd_available", "ssd_scan"]
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("auto", "torch", "mamba")
+# Block length of the recursive scan over chunk states: sequences up to this length are solved densely.
+_SCAN_BLOCK = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _load_mamba_chunk_scan() -> Any:
+    """Import mamba-ssm's `mamba_chunk_scan_combined` lazily (it pulls in triton and the mamba package)."""
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return mamba_chunk_scan_combined
+
+
+def mamba_ssd_available() -> bool:
+    """True when mamba-ssm's Triton SSD kernel can be imported (it is only *used* by "auto" on CUDA)."""
+    try:
+        _load_mamba_chunk_scan()
+    except Exception as exc:  # ImportError, or a CUDA extension failing at package import
+        logger.debug("mamba-ssm SSD kernel unavailable: %r", exc)
+        return False
+    return True
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """`out[..., i, j] = a[..., j+1] + ... + a[..., i]` for `j < i`, 0 on and above the diagonal.
+
+    Summed directly (cumsum of a masked repeat, as mamba-ssm's `segsum`) rather than as a difference of
+    cumulative sums, which would lose precision when the running sum is large.
+    """
+    L = a.shape[-1]
+    strict = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
+    rep = a.unsqueeze(-1).expand(*a.shape, L).masked_fill(~strict, 0.0)
+    return torch.cumsum(rep, dim=-2)
+
+
+def _masked_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`exp(logits)` where `mask`, exactly 0 elsewhere (with zero gradient, no inf/NaN)."""
+    return torch.exp(torch.where(mask, logits, torch.full_like(logits, float("-inf"))))
+
+
+def _segment_scan(
+    a: torch.Tensor, u: torch.Tensor, seg: torch.Tensor, block: int | None = None
+) -> torch.Tensor:
+    """Diagonal linear recurrence with resets: `h_l = exp(a_l) * h_{l-1} * [seg_l == seg_{l-1}] + u_l`.
+
+    a: (L, H) log-decays, u: (L, H, F) inputs, seg: (L,) non-decreasing segment ids -> h: (L, H, F).
+    Sequences of at most `block` steps are solved densely (an (L, L) decay matrix per head); longer ones are
+    split into blocks solved densely, whose end states are combined by a recursive call on the much
+    shorter sequence of blocks. Work and memory are O(L·block·H·F).
+    """
+    block = max(2, _SCAN_BLOCK if block is None else block)
+    L, H, Fdim = u.shape
+    if block >= L:
+        tri = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
+        mask = tri & (seg[:, None] == seg[None, :])
+        W = _masked_exp(_segsum(a.T), mask)  # (H, L, L)
+        return torch.matmul(W, u.transpose(0, 1)).transpose(0, 1)
+    nb = -(-L // block)
+    pad = nb * block - L
+    if pad:
+        a = F.pad(a, (0, 0, 0, pad))
+        u = F.pad(u, (0, 0, 0, 0, 0, pad))
+        seg = torch.cat([seg, (seg[-1:] + 1).expand(pad)])  # padding is its own segment
+    a_b = a.view(nb, block, H)
+    u_b = u.view(nb, block, H, Fdim).transpose(1, 2)  # (nb, H, K, F)
+    seg_b = seg.view(nb, block)
+    tri = torch.ones(block, block, dtype=torch.bool, device=a.device).tril()
+    mask = (tri & (seg_b[:, :, None] == seg_b[:, None, :])).unsqueeze(1)  # (nb, 1, K, K)
+    W = _masked_exp(_segsum(a_b.transpose(1, 2)), mask)  # (nb, H, K, K)
+    h = torch.matmul(W, u_b)  # (nb, H, K, F): contributions from inside each block
+    cs = torch.cumsum(a_b, dim=1)  # (nb, K, H) decay from block start (inclusive)
+    seg_last = seg_b[:, -1]
+    h_end = _segment_scan(cs[:, -1], h[:, :, -1], seg_last, block)  # (nb, H, F)
+    # Carry the previous block's end state into the tokens of the same segment.
+    carry = _masked_exp(cs[1:], (seg_b[1:] == seg_last[:-1, None]).unsqueeze(-1))  # (nb-1, K, H)
+    h_in = carry.transpose(1, 2).unsqueeze(-1) * h_end[:-1].unsqueeze(2)  # (nb-1, H, K, F)
+    h = torch.cat([h[:1], h[1:] + h_in])
+    return h.transpose(1, 2).reshape(nb * block, H, Fdim)[:L]
+
+
+def _ssd_scan_torch(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    seg: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Chunked dual-form SSD in the dtype of its inputs (callers upcast). See the module docstring."""
+    T, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    R = H // G
+    Q = chunk_size
+    if T == 0:
+        return x * 0
+    nc = -(-T // Q)
+    pad = nc * Q - T
+    x_in = x
+    if pad:
+        # Padded tokens form an extra segment (and have dt = 0), so they never touch real tokens.
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+        seg = torch.cat([seg, (seg[-1:] + 1).expand(pad)])
+    a = (dt * A).view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q) log-decay per token
+    xdt = (x * dt.unsqueeze(-1)).view(nc, Q, G, R, P).permute(0, 2, 3, 1, 4)  # (nc, G, R, Q, P)
+    Bc = B.view(nc, Q, G, N).transpose(1, 2).unsqueeze(2)  # (nc, G, 1, Q, N)
+    Cc = C.view(nc, Q, G, N).transpose(1, 2).unsqueeze(2)  # (nc, G, 1, Q, N)
+    segc = seg.view(nc, Q)
+
+    # 1) Intra-chunk (quadratic) term.
+    tri = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
+    same = tri & (segc[:, :, None] == segc[:, None, :])  # (nc, Q, Q)
+    Lmat = _masked_exp(_segsum(a), same[:, None, None])  # (nc, G, R, Q, Q)
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # (nc, G, 1, Q, Q), shared by the R heads of a group
+    y = torch.matmul(CB * Lmat, xdt)  # (nc, G, R, Q, P)
+
+    if nc > 1:
+        # 2) State at the end of each chunk from its own tokens (only those of the chunk's last segment;
+        #    the last row of Lmat is exactly that decay-to-end, already segment-masked).
+        w = Lmat[..., -1, :].unsqueeze(-1)  # (nc, G, R, Q, 1)
+        states = torch.matmul((xdt * w).transpose(-1, -2), Bc)  # (nc, G, R, P, N)
+        # 3) Linear recurrence over chunk end states (reset where the segment changes).
+        cs = torch.cumsum(a, dim=-1)  # (nc, G, R, Q) decay from chunk start, inclusive
+        seg_last = segc[:, -1]
+        h_end = _segment_scan(cs[..., -1].reshape(nc, H), states.reshape(nc, H, P * N), seg_last)
+        h_prev = h_end[:-1].view(nc - 1, G, R, P, N)
+        # 4) Contribution of the previous chunk's end state to tokens of the same segment.
+        carry_mask = (segc[1:] == seg_last[:-1, None])[:, None, None, :]  # (nc-1, 1, 1, Q)
+        carry = _masked_exp(cs[1:], carry_mask).unsqueeze(-1)  # (nc-1, G, R, Q, 1)
+        y_off = torch.matmul(Cc[1:], h_prev.transpose(-1, -2)) * carry  # (nc-1, G, R, Q, P)
+        y = torch.cat([y[:1], y[1:] + y_off])
+
+    y = y.permute(0, 3, 1, 2, 4).reshape(nc * Q, H, P)[:T]
+    if D is not None:
+        y = y + x_in * (D.unsqueeze(-1) if D.dim() == 1 else D)
+    return y
+
+
+def _ssd_scan_mamba(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    seg: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """mamba-ssm's fused Triton SSD with `seq_idx` segment resets (batch of one packed sequence)."""
+    if x.shape[0] == 0:
+        return x * 0
+    scan = _load_mamba_chunk_scan()
+    seq_idx = seg.to(torch.int32).unsqueeze(0).contiguous()
+    y = scan(
+        x.unsqueeze(0).contiguous(),
+        dt.unsqueeze(0).contiguous(),
+        A.contiguous(),
+        B.unsqueeze(0).contiguous(),
+        C.unsqueeze(0).contiguous(),
+        chunk_size,
+        D=None if D is None else D.contiguous(),
+        seq_idx=seq_idx,
+    )
+    return y[0].to(x.dtype)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    offsets: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+    kernel: str,
+) -> None:
+    """Raise `ValueError` with a precise message for any inconsistent argument."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, H, P), got shape {tuple(x.shape)}")
+    T, H, P = x.shape
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if dt.shape != (T, H):
+        raise ValueError(f"dt must be (T, H) = {(T, H)}, got {tuple(dt.shape)}")
+    if A.shape != (H,):
+        raise ValueError(f"A must be (H,) = {(H,)}, got {tuple(A.shape)}")
+    if B.dim() != 3 or B.shape[0] != T:
+        raise ValueError(f"B must be (T, G, N) with T={T}, got {tuple(B.shape)}")
+    if C.shape != B.shape:
+        raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
+    G = B.shape[1]
+    if G < 1 or H % G != 0:
+        raise ValueError(f"number of heads H={H} must be a multiple of the number of groups G={G}")
+    if D is not None and D.shape not in ((H,), (H, P)):
+        raise ValueError(f"D must be None, (H,) = {(H,)} or (H, P) = {(H, P)}, got {tuple(D.shape)}")
+    for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if offsets.device != x.device:
+        raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
+    validate_offsets(offsets, T)
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Segment-resetting SSD scan over a packed token axis; returns y `(T, H, P)` in `x.dtype`.
+
+    Args:
+        x: (T, H, P) inputs. dt: (T, H) positive step sizes (softplus/bias already applied).
+        A: (H,) negative decay rates. B, C: (T, G, N) with H % G == 0; head h uses group h // (H // G).
+        offsets: (S+1,) int64 jagged offsets (`offsets[0] == 0`, non-decreasing, `offsets[-1] == T`).
+        D: optional skip, (H,) or (H, P). chunk_size: tokens per chunk (any positive int for the torch path).
+        kernel: "torch" (pure-torch chunked dual form), "mamba" (mamba-ssm Triton kernel, also on CPU tensors
+            under TRITON_INTERPRET=1) or "auto" (mamba on CUDA tensors when importable, torch otherwise).
+
+    The torch path computes in fp32 for half-precision inputs (float64 stays float64) and is differentiable
+    with respect to x, dt, A, B, C and D.
+    """
+    _check_inputs(x, dt, A, B, C, offsets, D, chunk_size, kernel)
+    T = x.shape[0]
+    seg = segment_ids(offsets, T)
+    use_mamba = kernel == "mamba" or (kernel == "auto" and x.is_cuda and mamba_ssd_available())
+    if use_mamba:
+        return _ssd_scan_mamba(x, dt, A, B, C, seg, D, chunk_size)
+    cdtype = torch.promote_types(x.dtype, torch.float32)
+    y = _ssd_scan_torch(
+        x.to(cdtype),
+        dt.to(cdtype),
+        A.to(cdtype),
+        B.to(cdtype),
+        C.to(cdtype),
+        seg,
+        None if D is None else D.to(cdtype),
+        chunk_size,
+    )
+    return y.to(x.dtype)
