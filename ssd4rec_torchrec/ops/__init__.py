@@ -3,6 +3,7 @@
 Never imports torchrec; mamba-ssm and causal-conv1d are imported lazily, only when a kernel is requested.
 """
 
+from ssd4rec_torchrec.ops.conv import causal_conv1d_available, varlen_causal_conv1d
 from ssd4rec_torchrec.ops.segments import (
     offsets_from_lengths,
     reverse_segments_index,
@@ -13,6 +14,7 @@ from ssd4rec_torchrec.ops.segments import (
 from ssd4rec_torchrec.ops.ssd import mamba_ssd_available, ssd_scan
 
 __all__ = [
+    "causal_conv1d_available",
     "mamba_ssd_available",
     "offsets_from_lengths",
     "reverse_segments_index",
@@ -20,4 +22,5 @@ __all__ = [
     "segment_positions",
     "ssd_scan",
     "validate_offsets",
+    "varlen_causal_conv1d",
 ]

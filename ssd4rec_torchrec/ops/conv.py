@@ -1,0 +1,136 @@
+"""Causal depthwise conv1d over packed variable-length sequences (Mamba-2's short conv with `seq_idx`).
+
+`y_t = bias + Σ_{k=0}^{W-1} weight[:, W-1-k] * x_{t-k}` where only tokens `x_{t-k}` of the same segment
+as t count (the causal-conv1d convention: `weight[:, -1]` multiplies the current token). The torch path
+sums W shifted copies of x, each masked by the token's position inside its segment, so tokens of
+different segments are never mixed. On CUDA the `causal_conv1d` package is used when installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
+
+__all__ = ["causal_conv1d_available", "varlen_causal_conv1d"]
+
+logger = logging.getLogger(__name__)
+
+# "mamba" is accepted as an alias of "auto" so that a model can forward one `kernel` setting to both the
+# conv and `ssd_scan`; "causal_conv1d" insists on the CUDA kernel and raises when it cannot be used.
+CONV_KERNELS = ("auto", "torch", "mamba", "causal_conv1d")
+ACTIVATIONS = (None, "silu", "swish")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_causal_conv1d() -> Any:
+    from causal_conv1d import causal_conv1d_fn
+
+    return causal_conv1d_fn
+
+
+def causal_conv1d_available() -> bool:
+    """True when the `causal_conv1d` CUDA package imports."""
+    try:
+        _load_causal_conv1d()
+    except Exception as exc:  # ImportError or a broken CUDA extension
+        logger.debug("causal_conv1d unavailable: %r", exc)
+        return False
+    return True
+
+
+def _cuda_kernel_unusable_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why `causal_conv1d_fn` cannot take this input (None when it can)."""
+    if not x.is_cuda:
+        return "x is not on CUDA"
+    if not 2 <= weight.shape[1] <= 4:
+        return f"kernel width {weight.shape[1]} not in 2..4"
+    if x.shape[1] % 8 != 0:
+        return f"channels {x.shape[1]} not a multiple of 8 (channel-last layout)"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} not supported"
+    if not causal_conv1d_available():
+        return "causal_conv1d is not installed"
+    return None
+
+
+def _conv_torch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor
+) -> torch.Tensor:
+    """Sum of W shifted, segment-masked copies of x (pos: position of each token inside its segment)."""
+    T = x.shape[0]
+    W = weight.shape[1]
+    y = x * weight[:, W - 1]
+    for k in range(1, min(W, T)):
+        shifted = F.pad(x[: T - k], (0, 0, k, 0))  # shifted[t] = x[t-k] (0 for t < k)
+        keep = (pos >= k).unsqueeze(-1)  # x[t-k] is in t's segment iff t is at least k tokens into it
+        y = y + torch.where(keep, shifted, torch.zeros_like(shifted)) * weight[:, W - 1 - k]
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def varlen_causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    *,
+    activation: str | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Segment-resetting causal depthwise conv over a packed token axis.
+
+    Args:
+        x: (T, C) tokens. weight: (C, W); `weight[:, -1]` multiplies the current token. bias: (C,) or None.
+        offsets: (S+1,) int64 jagged offsets. activation: None or "silu" (alias "swish").
+        kernel: "torch", "auto"/"mamba" (causal_conv1d on CUDA when usable, torch otherwise) or
+            "causal_conv1d" (raise if it cannot be used).
+
+    Returns (T, C) in `x.dtype` (the torch path computes in fp32 for half-precision inputs).
+    """
+    if kernel not in CONV_KERNELS:
+        raise ValueError(f"kernel must be one of {CONV_KERNELS}, got {kernel!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (T, C) tensor, got {x.dtype} {tuple(x.shape)}")
+    T, Cch = x.shape
+    if weight.dim() != 2 or weight.shape[0] != Cch or weight.shape[1] < 1:
+        raise ValueError(f"weight must be (C, W) = ({Cch}, W>=1), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (Cch,):
+        raise ValueError(f"bias must be None or (C,) = ({Cch},), got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("offsets", offsets)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    validate_offsets(offsets, T)
+    seg = segment_ids(offsets, T)
+
+    if kernel != "torch":
+        reason = _cuda_kernel_unusable_reason(x, weight)
+        if reason is None:
+            fn = _load_causal_conv1d()
+            seq_idx = seg.to(torch.int32).unsqueeze(0).contiguous()
+            # (1, C, T) view of a contiguous (T, C) buffer = the channel-last layout seq_idx requires.
+            xt = x.contiguous().T.unsqueeze(0)
+            act = None if activation is None else "silu"
+            w = weight.to(x.dtype).contiguous()  # some causal_conv1d releases require matching dtypes
+            b = None if bias is None else bias.to(x.dtype).contiguous()
+            y = fn(xt, w, b, seq_idx=seq_idx, activation=act)
+            return y[0].T.to(x.dtype)
+        if kernel == "causal_conv1d":
+            raise RuntimeError(f"kernel='causal_conv1d' requested but unusable: {reason}")
+        if x.is_cuda:
+            logger.debug("varlen_causal_conv1d: falling back to torch (%s)", reason)
+
+    cdtype = torch.promote_types(x.dtype, torch.float32)
+    pos = torch.arange(T, device=x.device, dtype=torch.int64) - offsets[seg]
+    y = _conv_torch(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), pos)
+    if activation is not None:
+        y = F.silu(y)
+    return y.to(x.dtype)

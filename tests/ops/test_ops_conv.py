@@ -1,0 +1,113 @@
+"""`varlen_causal_conv1d` (torch path) against a per-segment `F.conv1d` loop with left zero padding.
+
+Error metric: `rel_err(a, b) = max|a - b| / max|b|` (see `ops_reference.rel_err`); fp32 implementation vs
+a float64 reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ops_reference import conv_reference, offsets_of, rel_err
+
+from ssd4rec_torchrec.ops import varlen_causal_conv1d
+
+OUT_TOL = 1e-6
+GRAD_TOL = 1e-5
+
+
+def check_conv(lengths: list[int], C: int, W: int, with_bias: bool, activation: str | None, seed: int = 0) -> dict:
+    """fp32 conv vs float64 per-segment reference: outputs and gradients of x, weight, bias."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    x = torch.randn(T, C, generator=g, requires_grad=True)
+    w = torch.randn(C, W, generator=g, requires_grad=True)
+    b = torch.randn(C, generator=g, requires_grad=True) if with_bias else None
+    offsets = offsets_of(lengths)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    br = None if b is None else b.detach().double().requires_grad_()
+    y = varlen_causal_conv1d(x, w, b, offsets, activation=activation, kernel="torch")
+    y_ref = conv_reference(xr, wr, br, offsets, activation)
+    assert y.shape == (T, C) and y.dtype == torch.float32
+    errs = {"y": rel_err(y, y_ref)}
+    assert errs["y"] <= OUT_TOL, errs
+    if T:
+        gy = torch.randn(T, C, generator=g, dtype=torch.float64)
+        y.backward(gy.float())
+        y_ref.backward(gy)
+        pairs = [("dx", x, xr), ("dw", w, wr)] + ([("db", b, br)] if b is not None else [])
+        for name, t, tr in pairs:
+            errs[name] = rel_err(t.grad, tr.grad)
+        assert all(v <= GRAD_TOL for k, v in errs.items() if k != "y"), errs
+    return errs
+
+
+@pytest.mark.parametrize("W", [1, 2, 4, 5])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_short_segments(W: int, activation: str | None) -> None:
+    """Every segment length 1..W+1 (and empty ones), so each window is clipped at a segment start."""
+    lengths = [n for n in range(1, W + 2)] + [0] + list(range(W + 1, 0, -1))
+    check_conv(lengths, 6, W, True, activation, seed=W)
+
+
+@pytest.mark.parametrize("boundary", [63, 64, 65, 255, 256, 257])
+def test_boundaries_at_block_edges(boundary: int) -> None:
+    """Segment boundaries (and total lengths) at 63/64/65 and 255/256/257 (causal-conv1d PR #117 style)."""
+    check_conv([boundary, 3, boundary], 8, 4, True, "silu", seed=boundary)
+    check_conv([boundary], 8, 4, False, None, seed=boundary + 1)
+    check_conv([1, boundary - 1, 2], 8, 4, True, None, seed=boundary + 2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=10),
+    C=st.integers(1, 9),
+    W=st.integers(1, 5),
+    with_bias=st.booleans(),
+    activation=st.sampled_from([None, "silu"]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference_property(lengths, C, W, with_bias, activation, seed) -> None:
+    check_conv(lengths, C, W, with_bias, activation, seed)
+
+
+def test_bf16_returns_bf16() -> None:
+    lengths = [5, 1, 9]
+    x = torch.randn(15, 8).bfloat16()
+    w = torch.randn(8, 4).bfloat16()
+    y = varlen_causal_conv1d(x, w, None, offsets_of(lengths), activation="silu")
+    assert y.dtype == torch.bfloat16
+    ref = conv_reference(x.double(), w.double(), None, offsets_of(lengths), "silu")
+    assert rel_err(y, ref) <= 1e-2
+
+
+def test_auto_and_mamba_fall_back_to_torch_on_cpu() -> None:
+    x, w, b = torch.randn(12, 8), torch.randn(8, 4), torch.randn(8)
+    off = offsets_of([5, 7])
+    ref = varlen_causal_conv1d(x, w, b, off, kernel="torch")
+    assert torch.equal(varlen_causal_conv1d(x, w, b, off, kernel="auto"), ref)
+    assert torch.equal(varlen_causal_conv1d(x, w, b, off, kernel="mamba"), ref)
+    with pytest.raises(RuntimeError, match="unusable"):
+        varlen_causal_conv1d(x, w, b, off, kernel="causal_conv1d")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"x": torch.randn(12)}, "x must be"),
+        ({"weight": torch.randn(7, 4)}, "weight must be"),
+        ({"bias": torch.randn(7)}, "bias must be"),
+        ({"offsets": torch.tensor([0, 5, 11])}, "must equal"),
+        ({"activation": "relu"}, "activation"),
+        ({"kernel": "cuda"}, "kernel must be"),
+    ],
+)
+def test_validation_errors(kwargs: dict, match: str) -> None:
+    args = {"x": torch.randn(12, 8), "weight": torch.randn(8, 4), "bias": torch.randn(8),
+            "offsets": offsets_of([5, 7])}
+    kw = {k: kwargs.pop(k) for k in ("activation", "kernel") if k in kwargs}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        varlen_causal_conv1d(args["x"], args["weight"], args["bias"], args["offsets"], **kw)
