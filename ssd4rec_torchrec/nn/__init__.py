@@ -1,0 +1,19 @@
+"""Pure-torch SSD4Rec modules on packed (jagged) sequences: SSD mixer, Bi-SSD layer, encoder.
+
+No TorchRec import here; the kernels come from `ssd4rec_torchrec.ops` (mamba-ssm only lazily, there).
+"""
+
+from ssd4rec_torchrec.nn.encoder import BiSSDEncoder, EncoderConfig, init_official_
+from ssd4rec_torchrec.nn.layers import BiSSDLayer, PositionwiseFeedForward
+from ssd4rec_torchrec.nn.mixer import GatedRMSNorm, SSDMixer, gated_rms_norm
+
+__all__ = [
+    "BiSSDEncoder",
+    "BiSSDLayer",
+    "EncoderConfig",
+    "GatedRMSNorm",
+    "PositionwiseFeedForward",
+    "SSDMixer",
+    "gated_rms_norm",
+    "init_official_",
+]

@@ -1,0 +1,163 @@
+"""SSD4Rec encoder: (optional) embedding Dropout+LayerNorm, optional learned positions, n Bi-SSD layers.
+
+Works on the flat packed token axis (`values (T, d)`, jagged `offsets (S+1,)`); it never builds a padded
+`[B, L]` tensor. Item embeddings live outside (TorchRec `EmbeddingCollection`); this module takes their
+values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ssd4rec_torchrec.nn.layers import BiSSDLayer
+from ssd4rec_torchrec.ops import reverse_segments_index, segment_ids
+
+__all__ = ["BiSSDEncoder", "EncoderConfig", "init_official_"]
+
+
+@dataclass
+class EncoderConfig:
+    """Encoder hyper-parameters. Defaults are the official SSD4Rec ML-1M setting (`config.yaml`).
+
+    Official per dataset: ML-1M/KuaiRand n_layers=2, dropout=0.2, norm_embedding=True;
+    Beauty/Games n_layers=1, dropout=0.4, norm_embedding=False. Shared everywhere: d_model=256,
+    d_state=64, d_conv=4, expand=2, headdim=16 (32 heads), chunk_size=256, beta=0.1, no positions,
+    shared backward weights and an *un-flipped* backward output (`flip_back=False`, the code's quirk;
+    `True` is the aligned variant and must be labelled as such).
+    """
+
+    d_model: int = 256
+    n_layers: int = 2
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 16
+    ngroups: int = 1
+    chunk_size: int = 256
+    dropout: float = 0.2
+    embedding_dropout: float | None = None  # None: same as `dropout` (official)
+    beta: float = 0.1
+    share_backward_weights: bool = True
+    flip_back: bool = False
+    norm_embedding: bool = True
+    positional: Literal["none", "learned"] = "none"
+    max_positions: int = 4096
+    ffn_mult: int = 4
+    ln_eps: float = 1e-12
+    kernel: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def init_official_(module: nn.Module) -> None:
+    """The official `_init_weights`: N(0, 0.02) for Linear/Embedding weights, zero Linear bias, LN = (1, 0).
+
+    Applied with `Module.apply`, it also overrides the mixers' in/out projections (as in the official
+    code); A_log, dt_bias, D, conv1d and the gated RMSNorm keep their Mamba2 initialisation.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class BiSSDEncoder(nn.Module):
+    """Stack of `BiSSDLayer`s over packed sequences: `forward(values (T, d), offsets (S+1,)) -> (T, d)`.
+
+    Input handling follows the official model: `E = LayerNorm(Dropout(values))` when `norm_embedding`
+    (LN eps `ln_eps`), else the raw values. With `positional="learned"`, a learned embedding of the
+    token's index within its segment is added first (positions >= max_positions share the last row); the
+    official model has none. Parameters get the official init (`init_official_`).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_layers: int = 2,
+        *,
+        d_state: int = 64,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 16,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        dropout: float = 0.2,
+        embedding_dropout: float | None = None,
+        beta: float = 0.1,
+        share_backward_weights: bool = True,
+        flip_back: bool = True,
+        norm_embedding: bool = True,
+        positional: Literal["none", "learned"] = "none",
+        max_positions: int = 4096,
+        ffn_mult: int = 4,
+        ln_eps: float = 1e-12,
+        kernel: str = "auto",
+        **mixer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if positional not in ("none", "learned"):
+            raise ValueError(f"positional must be 'none' or 'learned', got {positional!r}")
+        self.d_model = d_model
+        self.n_layers = n_layers
+        self.norm_embedding = norm_embedding
+        self.positional = positional
+        self.max_positions = max_positions
+        self.position_embedding = nn.Embedding(max_positions, d_model) if positional == "learned" else None
+        if norm_embedding:
+            self.dropout = nn.Dropout(dropout if embedding_dropout is None else embedding_dropout)
+            self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps)
+        self.layers = nn.ModuleList(
+            BiSSDLayer(
+                d_model,
+                dropout=dropout,
+                beta=beta,
+                share_backward_weights=share_backward_weights,
+                flip_back=flip_back,
+                ffn_mult=ffn_mult,
+                ln_eps=ln_eps,
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                headdim=headdim,
+                ngroups=ngroups,
+                chunk_size=chunk_size,
+                kernel=kernel,
+                **mixer_kwargs,
+            )
+            for _ in range(n_layers)
+        )
+        self.apply(init_official_)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, **overrides: Any) -> BiSSDEncoder:
+        kwargs = cfg.to_dict()
+        kwargs.update(overrides)
+        d_model = kwargs.pop("d_model")
+        return cls(d_model, **kwargs)
+
+    def positions(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
+        """Index of each token within its segment (0 at the segment start), shape (T,)."""
+        seg = segment_ids(offsets, T)
+        return torch.arange(T, device=offsets.device) - offsets[seg]
+
+    def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        T = values.shape[0]
+        h = values
+        if self.position_embedding is not None:
+            pos = self.positions(offsets, T).clamp_(max=self.max_positions - 1)
+            h = h + self.position_embedding(pos)
+        if self.norm_embedding:
+            h = self.LayerNorm(self.dropout(h))
+        rev = reverse_segments_index(offsets)  # shared by all layers
+        for layer in self.layers:
+            h = layer(h, offsets, rev)
+        return h
