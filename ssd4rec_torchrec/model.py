@@ -1,0 +1,149 @@
+"""SSD4Rec as a TorchRec model: one shared ``EmbeddingCollection`` item table + the Bi-SSD encoder.
+
+The only TorchRec-aware model code. The KJT comes from the loader (``data.batches``); its
+``history`` JaggedTensor's ``values()``/``offsets()`` go straight into :class:`BiSSDEncoder` (no padded
+[B, L] tensor). Targets, sampled negatives and - for full softmax - the whole catalog are looked up
+through the same (sharded) table, so their gradients reach the fused sparse optimizer.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+
+from .data.batches import FEATURES, SeqBatch, make_batch
+from .data.preprocess import FIRST_ITEM_INDEX, table_rows
+from .nn import BiSSDEncoder
+from .train.config import LossSection, ModelSection
+
+TABLE = "item_embedding"
+
+
+def item_table_config(num_items: int, dim: int, init_std: float) -> EmbeddingConfig:
+    """The shared item table: pad + items + mask rows, explicit N(0, std) init (TorchRec's default
+    U(±sqrt(1/rows)) shrinks as the catalog grows)."""
+    return EmbeddingConfig(
+        num_embeddings=table_rows(num_items),
+        embedding_dim=dim,
+        name=TABLE,
+        feature_names=list(FEATURES),
+        init_fn=partial(nn.init.normal_, mean=0.0, std=init_std),
+    )
+
+
+def build_encoder(cfg: ModelSection) -> BiSSDEncoder:
+    return BiSSDEncoder(
+        cfg.d_model, cfg.n_layers, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+        chunk_size=cfg.chunk_size, dropout=cfg.dropout, beta=cfg.beta,
+        share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back,
+        norm_embedding=cfg.norm_embedding, positional=cfg.positional, kernel=cfg.kernel,
+    )
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    targets: torch.Tensor,
+    neg: torch.Tensor,
+    neg_ids: torch.Tensor,
+    neg_logq: torch.Tensor,
+    target_logq: torch.Tensor,
+    cfg: LossSection,
+) -> torch.Tensor:
+    """Sampled softmax with sampled and/or in-batch negatives, logQ correction, accidental-hit masking,
+    temperature and optional L2 normalisation. Returns the per-row loss (R,)."""
+    if cfg.l2_normalize:
+        user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    pos_logit = (user * pos).sum(-1, keepdim=True)
+    blocks = [pos_logit]
+    hit_masks = [torch.zeros_like(pos_logit, dtype=torch.bool)]
+    if neg.shape[0]:
+        logits = user @ neg.T
+        if cfg.logq_correction:
+            logits = logits - neg_logq[None, :]
+        blocks.append(logits)
+        hit_masks.append(neg_ids[None, :] == targets[:, None])
+    if cfg.in_batch_negatives and user.shape[0] > 1:
+        logits = user @ pos.T
+        if cfg.logq_correction:
+            logits = logits - target_logq[None, :]
+        blocks.append(logits)
+        hit_masks.append(targets[None, :] == targets[:, None])  # includes the diagonal (the positive)
+    logits = torch.cat(blocks, dim=1) / cfg.temperature
+    logits = logits.masked_fill(torch.cat(hit_masks, dim=1), torch.finfo(logits.dtype).min)
+    return -torch.log_softmax(logits.float(), dim=-1)[:, 0]
+
+
+class RetrievalLoss(nn.Module):
+    """Full or sampled softmax at the read-out positions; returns ``(loss, (loss, rows))``.
+
+    A module (an FX leaf) so ``TrainPipelineSparseDist``'s tracer does not trace its shape-dependent
+    branches.
+    """
+
+    def __init__(self, cfg: LossSection):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, user: torch.Tensor, targets: torch.Tensor, target_emb: torch.Tensor, neg_emb: torch.Tensor,
+                catalog_emb: torch.Tensor, neg_ids: torch.Tensor, neg_logq: torch.Tensor,
+                target_logq: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if self.cfg.name == "full":
+            logits = user @ catalog_emb.T  # catalog rows = items 1..num_items
+            per_row = F.cross_entropy(logits.float(), targets - FIRST_ITEM_INDEX, reduction="none")
+        else:
+            per_row = sampled_softmax_loss(user, target_emb, targets, neg_emb, neg_ids, neg_logq, target_logq,
+                                           self.cfg)
+        loss = per_row.mean()
+        return loss, (loss.detach(), torch.tensor(float(per_row.numel())))
+
+
+class SSD4Rec(nn.Module):
+    """Item table (``self.ec``) + Bi-SSD encoder; ``forward(batch) -> (loss, (loss, rows))``.
+
+    ``forward`` is what ``TrainPipelineSparseDist`` runs; ``user_vectors`` / ``item_vectors`` serve
+    evaluation and export.
+    """
+
+    def __init__(self, num_items: int, model: ModelSection, loss: LossSection, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.num_items = num_items
+        self.l2_normalize = loss.name == "sampled" and loss.l2_normalize
+        self.ec = EmbeddingCollection(
+            tables=[item_table_config(num_items, model.d_model, model.embedding_init_std)], device=torch.device(device)
+        )
+        self.encoder = build_encoder(model)
+        self.loss = RetrievalLoss(loss)
+
+    def forward(self, batch: SeqBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        feats = self.ec(batch.features)
+        hist = feats["history"]
+        hidden = self.encoder(hist.values(), hist.offsets().long())
+        return self.loss(hidden[batch.readout], batch.targets, feats["target"].values(), feats["negatives"].values(),
+                         feats["catalog"].values(), batch.negatives, batch.negative_logq, batch.target_logq)
+
+    @torch.no_grad()
+    def user_vectors(self, batch: SeqBatch) -> torch.Tensor:
+        """Encoder output at each example's read-out position (L2-normalised if the loss is)."""
+        hist = self.ec(batch.features)["history"]
+        user = self.encoder(hist.values(), hist.offsets().long())[batch.readout]
+        return F.normalize(user, dim=-1) if self.l2_normalize else user
+
+    @torch.no_grad()
+    def item_vectors(self) -> torch.Tensor:
+        """Rows for items 1..num_items, looked up through the (possibly sharded) table."""
+        empty = np.zeros(0, dtype=np.int64)
+        batch = make_batch(empty, np.zeros(1, dtype=np.int64), empty, empty, np.zeros(1, dtype=np.int64),
+                           catalog_size=self.num_items)
+        device = next(self.encoder.parameters()).device
+        items = self.ec(batch.features.to(device))["catalog"].values()
+        return F.normalize(items, dim=-1) if self.l2_normalize else items
+
+
+__all__ = ["TABLE", "RetrievalLoss", "SSD4Rec", "build_encoder", "item_table_config", "sampled_softmax_loss"]

@@ -1,0 +1,167 @@
+"""The training job's config (one YAML per dataset/scale under ``configs/``). Every field has a default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class SyntheticSection:
+    num_users: int = 2_000
+    num_items: int = 2_000
+    num_clusters: int = 50
+    mean_length: float = 30.0
+    length_alpha: float = 1.6
+    min_length: int = 5
+    max_length: int = 1_000
+    zipf_exponent: float = 1.1
+    p_stay: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    dataset: str = "ml-1m"  # ml-1m | ml-100k | synthetic | a file path
+    user_k: int = 5
+    item_k: int = 5
+    duplicates: Literal["keep", "drop", "error"] = "keep"
+    format: Literal["auto", "inter", "dat", "csv", "tsv", "parquet"] = "auto"
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+
+@dataclass
+class ModelSection:
+    name: Literal["ssd4rec"] = "ssd4rec"
+    d_model: int = 64
+    n_layers: int = 2
+    d_state: int = 32
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 16
+    chunk_size: int = 64
+    dropout: float = 0.2
+    beta: float = 0.1
+    share_backward_weights: bool = True
+    flip_back: bool = True
+    norm_embedding: bool = True
+    positional: Literal["none", "learned"] = "none"
+    embedding_init_std: float = 0.02
+    kernel: Literal["auto", "torch", "mamba"] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1 or self.n_layers < 1:
+            raise ValueError(f"d_model and n_layers must be >= 1 (got {self.d_model}, {self.n_layers})")
+        if (self.expand * self.d_model) % self.headdim:
+            raise ValueError(
+                f"expand*d_model={self.expand * self.d_model} must be a multiple of headdim={self.headdim}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.embedding_init_std <= 0:
+            raise ValueError(f"embedding_init_std must be > 0, got {self.embedding_init_std}")
+
+
+@dataclass
+class ObjectiveSection:
+    """``prefix``: the paper's (a prefix predicts its next item, read at its last token); ``cloze``:
+    masked-item prediction with linear cost. ``corruption`` is the paper's ρ (history items -> id 0)."""
+
+    SHORTHAND = "name"
+    name: Literal["prefix", "cloze"] = "prefix"
+    prefixes_per_user: int | Literal["all"] = 8
+    mask_prob: float = 0.2  # cloze: fraction of items replaced by the mask token
+    p_last: float = 0.5  # cloze: probability that the last item is masked
+    corruption: float = 0.0  # ρ: training history items replaced by id 0 with this probability
+    max_history: int | None = None  # keep only the most recent items of each input (None: all)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prefixes_per_user, int) and self.prefixes_per_user < 1:
+            raise ValueError(f"prefixes_per_user must be >= 1 or 'all', got {self.prefixes_per_user}")
+        for name in ("mask_prob", "p_last", "corruption"):
+            v = getattr(self, name)
+            if not 0 <= v < 1 and not (name == "p_last" and v == 1):
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if self.max_history is not None and self.max_history < 1:
+            raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+
+
+@dataclass
+class LossSection:
+    """``full``: softmax over the whole catalog (tied embeddings); ``sampled``: sampled softmax."""
+
+    SHORTHAND = "name"
+    name: Literal["full", "sampled"] = "full"
+    num_negatives: int = 256
+    sampler: Literal["uniform", "popularity"] = "uniform"
+    popularity_alpha: float = 1.0  # popularity sampler: q ∝ count^alpha
+    in_batch_negatives: bool = True
+    logq_correction: bool = True
+    temperature: float = 1.0
+    l2_normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives must be >= 1, got {self.num_negatives}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 10
+    batch_size: int = 256  # examples per rank per step
+    lr: float = 1e-3  # dense AdamW
+    weight_decay: float = 0.0
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    sharding: Literal["table_wise", "row_wise", "column_wise", "data_parallel"] = "row_wise"
+    eval_every: int = 1  # epochs between validations
+    patience: int = 5  # validations without improvement before stopping
+    metric: str = "NDCG@10"
+    protocol: Literal["filtered", "unfiltered"] = "filtered"
+    eval_batch_users: int = 512
+    checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
+    keep_checkpoints: int = 2
+    max_steps_per_epoch: int | None = None
+    num_threads: int | None = None  # torch intra-op threads per rank (None: cores / local ranks)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_users", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.sparse_lr <= 0:
+            raise ValueError(f"learning rates must be > 0 (lr={self.lr}, sparse_lr={self.sparse_lr})")
+        kind, _, k = self.metric.partition("@")
+        if kind not in ("HR", "NDCG", "MRR") or not k.isdigit():
+            raise ValueError(f"metric must look like NDCG@10 / HR@20 / MRR@10, got {self.metric!r}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 2024
+    run_dir: str = "runs/default"
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    loss: LossSection = field(default_factory=LossSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """YAML file (or defaults when ``path`` is None) + ``key=value`` overrides -> validated config."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None

@@ -1,0 +1,307 @@
+"""The training job: data -> DMP model -> pipelined epochs -> validation/early stopping -> test.
+
+A short, linear script over library calls (TorchRec's golden-training shape). Outputs in ``run_dir``:
+``config.yaml`` (resolved), ``train.log``, ``tb/`` (TensorBoard), ``checkpoints/`` and ``metrics.json``::
+
+    {"valid": {"filtered": {"NDCG@10": ...}, "unfiltered": {...}}, "test": {...}, "best_epoch": ...,
+     "train_seconds": ..., "popularity": {"test": {...}}, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from ..data import FileFormat, PreprocessParams, SequenceDataset, SyntheticConfig, prepare
+from ..data.batches import gather_segments
+from ..data.loader import LoaderSpec, NegativeSampler, TrainLoader, eval_batches
+from ..data.preprocess import LeaveOneOut
+from ..eval.metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores, score_ranks
+from ..model import SSD4Rec
+from .checkpoint import clean_temp, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext, build_dmp, init_distributed
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "SSD4REC_FAULT_AT_STEP"  # test hook: "<rank>:<global step>" -> that rank SIGKILLs itself once
+
+
+def prepare_data(cfg: TrainConfig, ctx: DistContext) -> SequenceDataset:
+    """Rank 0 prepares (or finds cached) the dataset; the others wait, then open the same artifact."""
+    d = cfg.data
+    kwargs = dict(
+        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates),
+        file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
+        synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
+    )
+    if ctx.is_main:
+        ds = prepare(d.dataset, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+    if not ctx.is_main:
+        ds = prepare(d.dataset, **kwargs)
+    return ds
+
+
+def _history(split: LeaveOneOut, which: str, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged (values, offsets) of the eval input histories of ``users`` (for the filtered protocol)."""
+    off, items = (split.train_offsets, split.train_items) if which == "valid" else (split.test_offsets,
+                                                                                     split.test_items)
+    lengths = off[users + 1] - off[users]
+    values = gather_segments(items, off[users], lengths).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return torch.from_numpy(values), torch.from_numpy(offsets)
+
+
+@torch.no_grad()
+def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
+             num_items: int, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Full-ranking metrics over all users (split across ranks, reduced); both protocols."""
+    was_training = model.training
+    model.eval()
+    items = model.item_vectors()
+    metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
+    for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
+                              batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
+                              rank=ctx.rank, world_size=ctx.world_size):
+        vectors = model.user_vectors(batch.to(ctx.device))
+        keep = batch.weights > 0
+        if not bool(keep.any()):
+            continue
+        users = batch.users[keep].numpy()
+        hv, ho = _history(split, which, users)
+        ranks = score_ranks(vectors[keep.to(ctx.device)].float(), items.float(), batch.targets[keep].to(ctx.device),
+                            history_values=hv.to(ctx.device), history_offsets=ho.to(ctx.device))
+        for p in PROTOCOLS:
+            metrics[p].update(ranks[p])
+    model.train(was_training)
+    return {p: m.all_reduce().compute() for p, m in metrics.items()}
+
+
+def popularity_baseline(split: LeaveOneOut, which: str, ctx: DistContext, num_items: int,
+                        ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Everyone gets the training-popularity ranking: the floor a sequence model must clearly beat."""
+    scores = popularity_scores(torch.from_numpy(np.asarray(split.train_items, dtype=np.int64)), num_items)
+    targets = split.valid_targets if which == "valid" else split.test_targets
+    users = np.arange(ctx.rank, len(targets), ctx.world_size)
+    metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
+    for start in range(0, len(users), 2048):
+        u = users[start:start + 2048]
+        hv, ho = _history(split, which, u)
+        ranks = ranks_from_scores(scores, torch.from_numpy(np.asarray(targets[u], dtype=np.int64)),
+                                  history_values=hv, history_offsets=ho)
+        for p in PROTOCOLS:
+            metrics[p].update(ranks[p])
+    return {p: m.all_reduce().compute() for p, m in metrics.items()}
+
+
+def _setup_logging(run_dir: Path, ctx: DistContext) -> None:
+    fmt = logging.Formatter(f"%(asctime)s rank{ctx.rank} %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    if ctx.is_main:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def _maybe_fault(global_step: int, ctx: DistContext, run_dir: Path) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank, step = (int(x) for x in spec.split(":"))
+    marker = run_dir / f".fault-injected-rank{rank}-step{step}"
+    if ctx.rank == rank and global_step == step and not marker.exists():
+        marker.touch()
+        log.warning("fault injection: rank %d SIGKILLs itself at step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _count_tokens(batches, counter: list[int]):
+    for b in batches:
+        counter[0] += int(b.features.lengths()[: b.batch_size].sum())
+        yield b
+
+
+def _metric(valid: dict, cfg: TrainConfig) -> float:
+    return float(valid[cfg.train.protocol][cfg.train.metric])
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run the whole job on this rank; returns the ``metrics.json`` content."""
+    ctx = init_distributed()
+    for noisy in ("torchrec", "fbgemm_gpu"):  # per-step INFO chatter from the pipeline and planner
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    torch.set_num_threads(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        clean_temp(ckpt_root)
+    dist.barrier()
+    _setup_logging(run_dir, ctx)
+    log.info("world size %d (%s), run dir %s", ctx.world_size, ctx.backend, run_dir)
+
+    ds = prepare_data(cfg, ctx)
+    split = ds.leave_one_out()
+    n_items = ds.num_items
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = SSD4Rec(n_items, cfg.model, cfg.loss, device="meta")
+    dmp, optimizer = build_dmp(model, cfg.train, ctx)
+    o = cfg.objective
+    spec = LoaderSpec(objective=o.name, prefixes_per_user=o.prefixes_per_user, mask_prob=o.mask_prob,
+                      p_last=o.p_last, corruption=o.corruption, max_history=o.max_history, loss=cfg.loss.name,
+                      batch_size=cfg.train.batch_size)
+    sampler = None
+    if cfg.loss.name == "sampled":
+        counts = np.bincount(split.train_items, minlength=n_items + 2)
+        sampler = NegativeSampler(cfg.loss.sampler, n_items, counts, cfg.loss.num_negatives,
+                                  cfg.loss.popularity_alpha)
+    loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         sampler=sampler)
+    steps_per_epoch = loader.steps_per_epoch()
+
+    state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
+             "bad_evals": 0, "valid_history": [], "train_seconds": 0.0, "stopped_early": False,
+             "world_size": ctx.world_size}
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        state.update(load_checkpoint(latest, dmp, optimizer, rank=ctx.rank,
+                                     restore_rng=state["world_size"] == ctx.world_size))
+        log.info("resumed from %s (epoch %d, step %d)", latest, state["epoch"], state["step"])
+        state["world_size"] = ctx.world_size
+
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        log.info("%d users, %d items; %d steps/epoch of %d examples per rank", ds.num_users, n_items,
+                 steps_per_epoch, cfg.train.batch_size)
+
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
+    every = cfg.train.checkpoint_every_steps
+
+    def save(name: str = "") -> None:
+        save_checkpoint(ckpt_root, name or f"step-{state['global_step']}", dmp, optimizer, state, rank=ctx.rank,
+                        keep=cfg.train.keep_checkpoints)
+
+    while state["epoch"] < cfg.train.epochs and not state["stopped_early"]:
+        epoch = state["epoch"]
+        dmp.train()
+        tokens = [0]  # history tokens handed to the pipeline this epoch (it runs <= 2 batches ahead)
+        batches = _count_tokens(loader.epoch(epoch, state["step"]), tokens)
+        bar = tqdm(total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch}", disable=not ctx.is_main,
+                   dynamic_ncols=True, mininterval=1.0)
+        epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                loss, _rows = pipeline.progress(batches)
+            except StopIteration:
+                break
+            epoch_seconds += time.perf_counter() - t0
+            state["step"] += 1
+            state["global_step"] += 1
+            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens[0] * ctx.world_size / epoch_seconds:.0f}")
+            if writer is not None:
+                writer.add_scalar("train/loss", float(loss), state["global_step"])
+            _maybe_fault(state["global_step"], ctx, run_dir)
+            if every and state["step"] % every == 0 and state["step"] < steps_per_epoch:
+                state["train_seconds"] += epoch_seconds
+                epoch_seconds = 0.0
+                save()
+        pipeline.detach()
+        bar.close()
+        state["train_seconds"] += epoch_seconds
+        tok_s = tokens[0] * ctx.world_size / max(epoch_seconds, 1e-9)
+        if writer is not None:
+            writer.add_scalar("train/epoch_loss", loss_sum / max(loss_n, 1), epoch)
+            writer.add_scalar("train/tokens_per_second", tok_s, epoch)
+        log.info("epoch %d: loss %.4f, %.0f tokens/s", epoch, loss_sum / max(loss_n, 1), tok_s)
+        state["epoch"], state["step"] = epoch + 1, 0
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            valid = evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
+            value = _metric(valid, cfg)
+            state["valid_history"].append({"epoch": epoch, **{p: valid[p] for p in PROTOCOLS}})
+            if writer is not None:
+                for p in PROTOCOLS:
+                    for k in ("NDCG@10", "HR@10", "MRR@10"):
+                        writer.add_scalar(f"valid_{p}/{k}", valid[p][k], epoch)
+            log.info("epoch %d valid %s %s = %.4f (best %.4f)", epoch, cfg.train.protocol, cfg.train.metric, value,
+                     state["best_value"])
+            if value > state["best_value"]:
+                state.update(best_value=value, best_epoch=epoch, bad_evals=0)
+                save_checkpoint(ckpt_root, "best", dmp, None, state, rank=ctx.rank)
+            else:
+                state["bad_evals"] += 1
+                if state["bad_evals"] >= cfg.train.patience:
+                    state["stopped_early"] = True
+                    log.info("early stop after epoch %d (no improvement in %d validations)", epoch,
+                             cfg.train.patience)
+        save()
+
+    best = ckpt_root / "best"
+    if best.is_dir():
+        load_checkpoint(best, dmp, None, rank=ctx.rank, restore_rng=False)
+    valid = evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
+    test = evaluate(dmp.module, split, "test", cfg, ctx, n_items)
+    result = {
+        "valid": valid,
+        "test": test,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "stopped_early": state["stopped_early"],
+        "train_seconds": round(state["train_seconds"], 3),
+        "seconds_per_epoch": round(state["train_seconds"] / max(state["epoch"], 1), 3),
+        "popularity": {"test": popularity_baseline(split, "test", ctx, n_items)},
+        "valid_history": state["valid_history"],
+        "world_size": ctx.world_size,
+        "dataset": {"name": cfg.data.dataset, **{k: ds.stats[k] for k in ("users", "items", "interactions")}},
+        "model_parameters": sum(p.numel() for n, p in dmp.module.named_parameters() if not n.startswith("ec.")),
+    }
+    if ctx.is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        if writer is not None:
+            for p in PROTOCOLS:
+                for k in ("NDCG@10", "HR@10"):
+                    writer.add_scalar(f"test_{p}/{k}", test[p][k], 0)
+            writer.close()
+        log.info("test:\n%s", format_metrics_table(result))
+    dist.barrier()
+    return result
+
+
+def format_metrics_table(result: dict, ks=(10, 20)) -> str:
+    """A small text table of test metrics, both protocols, plus the popularity floor."""
+    cols = [f"{m}@{k}" for k in ks for m in ("HR", "NDCG", "MRR")]
+    lines = [f"{'':<22}" + "".join(f"{c:>10}" for c in cols)]
+    for p in PROTOCOLS:
+        lines.append(f"{'test ' + p:<22}" + "".join(f"{result['test'][p][c]:>10.4f}" for c in cols))
+    for p in PROTOCOLS:
+        lines.append(f"{'popularity ' + p:<22}" + "".join(f"{result['popularity']['test'][p][c]:>10.4f}"
+                                                          for c in cols))
+    return "\n".join(lines)
