@@ -1,0 +1,70 @@
+"""Config validation: every bad key/value fails at start with one line naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssd4rec_torchrec.config import ConfigError
+from ssd4rec_torchrec.train.config import TrainConfig, load_train_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_shorthand_and_overrides(tmp_path):
+    cfg = load_train_config(None)
+    assert cfg == TrainConfig()
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: cloze\nloss: {name: sampled, num_negatives: 7}\ntrain: {epochs: 2}\n")
+    cfg = load_train_config(path, ["train.epochs=5", "objective.prefixes_per_user=all", "model.flip_back=false"])
+    assert cfg.objective.name == "cloze" and cfg.objective.prefixes_per_user == "all"
+    assert cfg.loss.name == "sampled" and cfg.loss.num_negatives == 7
+    assert cfg.train.epochs == 5 and cfg.model.flip_back is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("trian: {epochs: 1}\n", "trian: unknown key"),
+        ("train: {epochs: ten}\n", "train.epochs: expected int, got 'ten'"),
+        ("train: {epochs: 0}\n", "train: epochs must be >= 1, got 0"),
+        ("train: {sharding: diagonal}\n", "train.sharding: expected one of 'table_wise'"),
+        ("model: {dropout: 1.5}\n", "model: dropout must be in [0, 1), got 1.5"),
+        ("objective: {prefixes_per_user: some}\n", "objective.prefixes_per_user: expected int | 'all', got 'some'"),
+        ("loss: softmaxx\n", "loss.name: expected one of 'full' | 'sampled', got 'softmaxx'"),
+        ("model: {d_model: 30, headdim: 16}\n", "model: expand*d_model=60 must be a multiple of headdim=16"),
+        ("train: {metric: AUC}\n", "train: metric must look like NDCG@10"),
+        ("data: {synthetic: {num_users: 1.5}}\n", "data.synthetic.num_users: expected int, got 1.5"),
+        ("- just\n- a list\n", "expected a mapping at the top level"),
+        ("train: {epochs: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_train_cli_rejects_bad_config_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {epochs: -1}\n")
+    out = subprocess.run([sys.executable, str(REPO / "apps" / "train.py"), "--config", str(path)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == f"train: error: {path}: train: epochs must be >= 1, got -1"
+    out = subprocess.run([sys.executable, str(REPO / "apps" / "train.py"), "--config", str(tmp_path / "nope.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "nope.yaml: no such config file" in out.stderr
+    out = subprocess.run([sys.executable, str(REPO / "apps" / "train.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    load_train_config(path)
