@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     parser.add_argument("--run-dir", help="output directory (overrides run_dir in the config)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set train.epochs=3 model.d_model=128")
     args = parser.parse_args(argv)
     stray = [s for s in args.script if Path(s).name != "train.py"]
     if stray:
