@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssd4rec_torchrec.nn.layers import BiSSDLayer
 from ssd4rec_torchrec.ops import reverse_segments_index, segment_ids
@@ -50,6 +51,7 @@ class EncoderConfig:
     ffn_mult: int = 4
     ln_eps: float = 1e-12
     kernel: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer in backward (memory for long packed batches)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +79,8 @@ class BiSSDEncoder(nn.Module):
     (LN eps `ln_eps`), else the raw values. With `positional="learned"`, a learned embedding of the
     token's index within its segment is added first (positions >= max_positions share the last row); the
     official model has none. Parameters get the official init (`init_official_`).
+    `gradient_checkpointing=True` stores only each layer's input during training and recomputes the layer in
+    backward: same results, about one layer's activations of peak memory instead of all layers'.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class BiSSDEncoder(nn.Module):
         ffn_mult: int = 4,
         ln_eps: float = 1e-12,
         kernel: str = "auto",
+        gradient_checkpointing: bool = False,
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -111,6 +116,7 @@ class BiSSDEncoder(nn.Module):
         self.norm_embedding = norm_embedding
         self.positional = positional
         self.max_positions = max_positions
+        self.gradient_checkpointing = gradient_checkpointing
         self.position_embedding = nn.Embedding(max_positions, d_model) if positional == "learned" else None
         if norm_embedding:
             self.dropout = nn.Dropout(dropout if embedding_dropout is None else embedding_dropout)
@@ -159,5 +165,9 @@ class BiSSDEncoder(nn.Module):
             h = self.LayerNorm(self.dropout(h))
         rev = reverse_segments_index(offsets)  # shared by all layers
         for layer in self.layers:
-            h = layer(h, offsets, rev)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # Keeps only each layer's input; the layer (dropout masks included) is replayed in backward.
+                h = checkpoint(layer, h, offsets, rev, use_reentrant=False)
+            else:
+                h = layer(h, offsets, rev)
         return h

@@ -168,3 +168,21 @@ def test_config_defaults_are_official_ml1m() -> None:
     assert torch.equal(enc.layers[0].ffn.w_1.bias, torch.zeros(1024))
     assert torch.equal(enc.layers[0].forward_ssd.D, torch.ones(32))
     assert BiSSDEncoder.from_config(cfg, n_layers=1).n_layers == 1
+
+
+def test_gradient_checkpointing_gives_the_same_step() -> None:
+    """Train mode with dropout: same outputs and gradients with and without per-layer recomputation."""
+    results = []
+    for ckpt in (False, True):
+        enc = make_encoder(16, seed=5, dropout=0.2, gradient_checkpointing=ckpt).train()
+        offsets = offsets_from_lengths([30, 3, 70])
+        x = torch.randn(103, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(11)  # same dropout masks in both runs
+        y = enc(x, offsets)
+        y.pow(3).sum().backward()
+        results.append((y.detach(), x.grad, [p.grad for p in enc.parameters()]))
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp0, gp1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
