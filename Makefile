@@ -30,8 +30,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/check_
 data: setup
 	$(BIN)/python apps/prepare_data.py --fetch-only
 
+# The main job: MovieLens-1M, 2 ranks via TorchX (local_cwd scheduler from .torchxconfig).
 train: setup
 	$(BIN)/python apps/prepare_data.py --dataset ml-1m
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/torchx run dist.ddp -j 1x2 --script apps/train.py -- --config configs/ml1m.yaml
+	@echo "results: runs/ml1m/metrics.json (TensorBoard: runs/ml1m/tb)"
 
 test: setup data
 	$(BIN)/ruff check .
