@@ -17,3 +17,14 @@ __all__ = [
     "gated_rms_norm",
     "init_official_",
 ]
+
+# Transformer baselines with the same packed call signature (SASRec causal, BERT4Rec bidirectional).
+from ssd4rec_torchrec.nn.baselines import (
+    BERT4RecEncoder,
+    JaggedAttentionPlan,
+    JaggedTransformerEncoder,
+    SASRecEncoder,
+    jagged_attention,
+)
+
+__all__ += ["BERT4RecEncoder", "JaggedAttentionPlan", "JaggedTransformerEncoder", "SASRecEncoder", "jagged_attention"]
