@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssd4rec_torchrec.nn.layers import BiSSDLayer
-from ssd4rec_torchrec.ops import reverse_segments_index, segment_ids
+from ssd4rec_torchrec.ops import reverse_segments_index, segment_positions
 
 __all__ = ["BiSSDEncoder", "EncoderConfig", "init_official_"]
 
@@ -152,8 +152,7 @@ class BiSSDEncoder(nn.Module):
 
     def positions(self, offsets: torch.Tensor, T: int) -> torch.Tensor:
         """Index of each token within its segment (0 at the segment start), shape (T,)."""
-        seg = segment_ids(offsets, T)
-        return torch.arange(T, device=offsets.device) - offsets[seg]
+        return segment_positions(offsets, T)
 
     def forward(self, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         T = values.shape[0]
@@ -163,7 +162,7 @@ class BiSSDEncoder(nn.Module):
             h = h + self.position_embedding(pos)
         if self.norm_embedding:
             h = self.LayerNorm(self.dropout(h))
-        rev = reverse_segments_index(offsets)  # shared by all layers
+        rev = reverse_segments_index(offsets, T)  # shared by all layers
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Keeps only each layer's input; the layer (dropout masks included) is replayed in backward.

@@ -71,8 +71,8 @@ class BiSSDLayer(nn.Module):
         self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return `(F, R')`: forward mixer output and the (optionally flipped back) backward output."""
-        rev = reverse_segments_index(offsets) if rev_index is None else rev_index
         T = x.shape[0]
+        rev = reverse_segments_index(offsets, T) if rev_index is None else rev_index
         x_rev = x[rev]
         if self.backward_ssd is None:
             # Same weights: run both directions as one packed batch of 2T tokens (fewer, larger kernels).

@@ -45,8 +45,8 @@ def test_packing_invariance(lengths: list[int], official: bool, seed: int) -> No
     assert diff <= 1e-5, (lengths, diff)
 
 
-@pytest.mark.parametrize("lengths", [[63, 64, 65], [255, 256, 257], [1, 1, 1], [31, 1, 33, 2]])
-def test_packing_invariance_at_chunk_boundaries(lengths: list[int]) -> None:
+@pytest.mark.parametrize("lengths", [[63, 64, 65], [255, 256, 257], [1, 1, 1], [31, 1, 33, 2], [5, 0, 4, 0]])
+def test_packing_invariance_chunk_boundaries_and_empty_segments(lengths: list[int]) -> None:
     enc = make_encoder(16, chunk_size=64)
     offsets = offsets_from_lengths(lengths)
     x = torch.randn(sum(lengths), 16, generator=torch.Generator().manual_seed(7))
