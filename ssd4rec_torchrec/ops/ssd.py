@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS = ("auto", "torch", "mamba")
 # Block length of the recursive scan over chunk states: sequences up to this length are solved densely.
-_SCAN_BLOCK = 64
+_SCAN_BLOCK = 16
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,16 +59,74 @@ def mamba_ssd_available() -> bool:
     return True
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """`out[..., i, j] = a[..., j+1] + ... + a[..., i]` for `j < i`, 0 on and above the diagonal.
+def _decay_matrix(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`exp(a[..., j+1] + ... + a[..., i])` where `mask[..., i, j]` (lower triangle), exactly 0 elsewhere.
 
-    Summed directly (cumsum of a masked repeat, as mamba-ssm's `segsum`) rather than as a difference of
-    cumulative sums, which would lose precision when the running sum is large.
+    The segment sums are `cs_i - cs_j` of the running sum `cs`, accumulated in float64 and split into a
+    float32 head and tail, so the fp32 differences keep full relative precision even when `|cs|` is large
+    (a plain fp32 cumsum would lose ~eps·|cs|). Masked entries are set to -inf before `exp`, so they are
+    exact zeros (never inf · 0). Only one (…, Q, Q) buffer is allocated; everything else is in place.
     """
-    L = a.shape[-1]
-    strict = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)
-    rep = a.unsqueeze(-1).expand(*a.shape, L).masked_fill(~strict, 0.0)
-    return torch.cumsum(rep, dim=-2)
+    cs = a.double().cumsum(-1)
+    hi = cs.to(a.dtype)
+    S = hi.unsqueeze(-1) - hi.unsqueeze(-2)
+    if a.dtype != torch.float64:
+        lo = (cs - hi.double()).to(a.dtype)
+        S.add_(lo.unsqueeze(-1)).sub_(lo.unsqueeze(-2))
+    return S.masked_fill_(~mask, float("-inf")).exp_()
+
+
+def _segsum_grad(dS: torch.Tensor, a_shape: torch.Size) -> torch.Tensor:
+    """Gradient w.r.t. `a` of `S_ij = a_{j+1} + ... + a_i` given `dS`: `da_k = Σ_{i>=k} Σ_{j<k} dS_ij`.
+
+    Computed as column sums of the strictly lower triangle of the row-wise running sum of `dS`, so only
+    the entries that belong to `da_k` are ever added (writing it as `Σ rowsums - Σ colsums` would subtract
+    a whole block from itself and leave its fp32 rounding error in `da`). Overwrites `dS`.
+    """
+    Q = dS.shape[-1]
+    C = dS.cumsum_(-1)  # C_im = Σ_{j<=m} dS_ij
+    strict = torch.ones(Q, Q, dtype=dS.dtype, device=dS.device).tril_(-1)
+    col = C.mul_(strict).sum(-2)  # col_m = Σ_{i>m} C_im = da_{m+1}
+    return F.pad(col[..., :-1], (1, 0)).sum_to_size(a_shape)
+
+
+class _DecayMatmul(torch.autograd.Function):
+    """`y = (cb ∘ exp(segsum(a)) ∘ mask) @ u` with a hand-written backward.
+
+    This is the quadratic ("attention-like") part of the SSD dual form. As one Function it saves a single
+    (…, Q, Q) tensor for backward (the decay matrix) instead of the half-dozen autograd would keep, and
+    works in place where it can (on CPU, allocating a large buffer costs more than the arithmetic).
+    With `S_ij = cs_i - cs_j`: `dS = dM ∘ M`, `dcs = rowsum(dS) - colsum(dS)`, `da = reverse_cumsum(dcs)`.
+    Shapes broadcast: a (..., Q), cb (..., Q, Q) or None, u (..., Q, F), mask (..., Q, Q) bool.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, cb: torch.Tensor | None, u: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        Lm = _decay_matrix(a, mask)
+        ctx.save_for_backward(cb, u, Lm)
+        ctx.a_shape = a.shape
+        return torch.matmul(Lm if cb is None else Lm * cb, u)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        cb, u, Lm = ctx.saved_tensors
+        need_a, need_cb, need_u, _ = ctx.needs_input_grad
+        du = da = dcb = None
+        if need_u:
+            M = Lm if cb is None else Lm * cb
+            du = torch.matmul(M.transpose(-1, -2), dy).sum_to_size(u.shape)
+            del M
+        if need_a or need_cb:
+            E = torch.matmul(dy, u.transpose(-1, -2)).mul_(Lm)  # dM ∘ Lm
+            if cb is not None and need_cb:
+                dcb = E.sum_to_size(cb.shape)
+                if need_a and dcb.data_ptr() == E.data_ptr():  # no reduction (one head per group): E is
+                    dcb = dcb.clone()  # about to be overwritten in place
+            if need_a:
+                dS = E if cb is None else E.mul_(cb)  # dM ∘ M; masked entries are 0
+                da = _segsum_grad(dS, ctx.a_shape)
+        return da, dcb, du, None
 
 
 def _masked_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,8 +149,7 @@ def _segment_scan(
     if block >= L:
         tri = torch.ones(L, L, dtype=torch.bool, device=a.device).tril()
         mask = tri & (seg[:, None] == seg[None, :])
-        W = _masked_exp(_segsum(a.T), mask)  # (H, L, L)
-        return torch.matmul(W, u.transpose(0, 1)).transpose(0, 1)
+        return _DecayMatmul.apply(a.T, None, u.transpose(0, 1), mask).transpose(0, 1)
     nb = -(-L // block)
     pad = nb * block - L
     if pad:
@@ -104,8 +161,7 @@ def _segment_scan(
     seg_b = seg.view(nb, block)
     tri = torch.ones(block, block, dtype=torch.bool, device=a.device).tril()
     mask = (tri & (seg_b[:, :, None] == seg_b[:, None, :])).unsqueeze(1)  # (nb, 1, K, K)
-    W = _masked_exp(_segsum(a_b.transpose(1, 2)), mask)  # (nb, H, K, K)
-    h = torch.matmul(W, u_b)  # (nb, H, K, F): contributions from inside each block
+    h = _DecayMatmul.apply(a_b.transpose(1, 2), None, u_b, mask)  # (nb, H, K, F): within-block part
     cs = torch.cumsum(a_b, dim=1)  # (nb, K, H) decay from block start (inclusive)
     seg_last = seg_b[:, -1]
     h_end = _segment_scan(cs[:, -1], h[:, :, -1], seg_last, block)  # (nb, H, F)
@@ -145,34 +201,37 @@ def _ssd_scan_torch(
         seg = torch.cat([seg, (seg[-1:] + 1).expand(pad)])
     a = (dt * A).view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q) log-decay per token
     xdt = (x * dt.unsqueeze(-1)).view(nc, Q, G, R, P).permute(0, 2, 3, 1, 4)  # (nc, G, R, Q, P)
-    Bc = B.view(nc, Q, G, N).transpose(1, 2).unsqueeze(2)  # (nc, G, 1, Q, N)
-    Cc = C.view(nc, Q, G, N).transpose(1, 2).unsqueeze(2)  # (nc, G, 1, Q, N)
+    Bg = B.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
+    Cg = C.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
     segc = seg.view(nc, Q)
 
     # 1) Intra-chunk (quadratic) term.
     tri = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     same = tri & (segc[:, :, None] == segc[:, None, :])  # (nc, Q, Q)
-    Lmat = _masked_exp(_segsum(a), same[:, None, None])  # (nc, G, R, Q, Q)
-    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # (nc, G, 1, Q, Q), shared by the R heads of a group
-    y = torch.matmul(CB * Lmat, xdt)  # (nc, G, R, Q, P)
+    CB = torch.matmul(Cg, Bg.transpose(-1, -2)).unsqueeze(2)  # (nc, G, 1, Q, Q), shared by a group's heads
+    y = _DecayMatmul.apply(a, CB, xdt, same[:, None, None]).permute(0, 3, 1, 2, 4)  # (nc, Q, G, R, P)
 
     if nc > 1:
-        # 2) State at the end of each chunk from its own tokens (only those of the chunk's last segment;
-        #    the last row of Lmat is exactly that decay-to-end, already segment-masked).
-        w = Lmat[..., -1, :].unsqueeze(-1)  # (nc, G, R, Q, 1)
-        states = torch.matmul((xdt * w).transpose(-1, -2), Bc)  # (nc, G, R, P, N)
+        # 2) State at the end of each chunk from its own tokens, only those of the chunk's last segment.
+        #    Decay to the chunk end = exclusive suffix sum of a (a direct reverse cumsum, no cancellation).
+        #    The heads of a group are stacked into one (R·P, Q) @ (Q, N) matmul per chunk.
+        suffix = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # (nc, G, R, Q)
+        w = _masked_exp(suffix, (segc == segc[:, -1:])[:, None, None])  # (nc, G, R, Q)
+        xw = (xdt * w.unsqueeze(-1)).permute(0, 1, 2, 4, 3).reshape(nc, G, R * P, Q)
+        states = torch.matmul(xw, Bg)  # (nc, G, R·P, N)
         # 3) Linear recurrence over chunk end states (reset where the segment changes).
         cs = torch.cumsum(a, dim=-1)  # (nc, G, R, Q) decay from chunk start, inclusive
         seg_last = segc[:, -1]
-        h_end = _segment_scan(cs[..., -1].reshape(nc, H), states.reshape(nc, H, P * N), seg_last)
-        h_prev = h_end[:-1].view(nc - 1, G, R, P, N)
+        h_end = _segment_scan(cs[..., -1].reshape(nc, H), states.view(nc, H, P * N), seg_last)
+        h_prev = h_end[:-1].reshape(nc - 1, G, R * P, N)
         # 4) Contribution of the previous chunk's end state to tokens of the same segment.
         carry_mask = (segc[1:] == seg_last[:-1, None])[:, None, None, :]  # (nc-1, 1, 1, Q)
-        carry = _masked_exp(cs[1:], carry_mask).unsqueeze(-1)  # (nc-1, G, R, Q, 1)
-        y_off = torch.matmul(Cc[1:], h_prev.transpose(-1, -2)) * carry  # (nc-1, G, R, Q, P)
+        carry = _masked_exp(cs[1:], carry_mask).permute(0, 3, 1, 2).unsqueeze(-1)  # (nc-1, Q, G, R, 1)
+        y_off = torch.matmul(Cg[1:], h_prev.transpose(-1, -2))  # (nc-1, G, Q, R·P)
+        y_off = y_off.view(nc - 1, G, Q, R, P).transpose(1, 2) * carry  # (nc-1, Q, G, R, P)
         y = torch.cat([y[:1], y[1:] + y_off])
 
-    y = y.permute(0, 3, 1, 2, 4).reshape(nc * Q, H, P)[:T]
+    y = y.reshape(nc * Q, H, P)[:T]
     if D is not None:
         y = y + x_in * (D.unsqueeze(-1) if D.dim() == 1 else D)
     return y
