@@ -20,6 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from .data.batches import FEATURES, SeqBatch, make_batch
 from .data.preprocess import FIRST_ITEM_INDEX, table_rows
 from .nn import BiSSDEncoder
+from .nn.baselines import BERT4RecEncoder, SASRecEncoder
 from .train.config import LossSection, ModelSection
 
 TABLE = "item_embedding"
@@ -37,12 +38,18 @@ def item_table_config(num_items: int, dim: int, init_std: float) -> EmbeddingCon
     )
 
 
-def build_encoder(cfg: ModelSection) -> BiSSDEncoder:
+def build_encoder(cfg: ModelSection) -> torch.nn.Module:
+    """The sequence encoder named by ``cfg.name``; all take ``(values (T, d), offsets (S+1,))``."""
+    if cfg.name in ("sasrec", "bert4rec"):
+        cls = SASRecEncoder if cfg.name == "sasrec" else BERT4RecEncoder
+        return cls(cfg.d_model, cfg.n_layers, cfg.n_heads, dropout=cfg.dropout, max_positions=cfg.max_positions,
+                   norm_embedding=cfg.norm_embedding)
     return BiSSDEncoder(
         cfg.d_model, cfg.n_layers, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
         chunk_size=cfg.chunk_size, dropout=cfg.dropout, beta=cfg.beta,
         share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back,
-        norm_embedding=cfg.norm_embedding, positional=cfg.positional, kernel=cfg.kernel,
+        norm_embedding=cfg.norm_embedding, positional=cfg.positional, max_positions=cfg.max_positions,
+        kernel=cfg.kernel,
     )
 
 

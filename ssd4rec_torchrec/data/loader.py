@@ -9,6 +9,8 @@ Objectives (see ``train.config.ObjectiveSection``):
 - ``cloze``: an example is a user's whole training history; items are replaced by the mask token with
   probability ``mask_prob``, the last one with probability ``p_last``; targets are the originals at
   masked positions. At inference a mask token is appended and read out.
+- ``next`` (SASRec): an example is a user's training history without its last item; every position
+  predicts the item after it (only for causal encoders). At inference the last token is read out.
 
 Users are assigned to ranks by ``user % world_size``; every rank runs the same number of steps (the
 minimum over ranks; the largest ranks' surplus examples of that epoch are skipped) so collectives line up.
@@ -95,7 +97,7 @@ class TrainLoader:
         """(user, cut) pairs of one rank for one epoch, shuffled. ``cut`` = prefix length (prefix) or 0."""
         users = self._rank_users(rank)
         rng = np.random.default_rng([self.seed, epoch, rank, 1])
-        if self.spec.objective == "cloze":
+        if self.spec.objective in ("cloze", "next"):
             ex_users, cuts = users, np.zeros(len(users), dtype=np.int64)
         else:
             n = self.train_lengths[users] - 1  # valid cut points 1..n_train-1
@@ -113,7 +115,7 @@ class TrainLoader:
 
     def _count(self, rank: int) -> int:
         users = self._rank_users(rank)
-        if self.spec.objective == "cloze":
+        if self.spec.objective in ("cloze", "next"):
             return len(users)
         n = np.maximum(self.train_lengths[users] - 1, 0)
         if self.spec.prefixes_per_user == "all":
@@ -126,7 +128,7 @@ class TrainLoader:
     def tokens_per_epoch(self) -> int:
         """Input tokens this rank encodes per epoch (before max_history truncation when 'all')."""
         users, cuts = self._examples(self.rank, 0)
-        if self.spec.objective == "cloze":
+        if self.spec.objective in ("cloze", "next"):
             return int(self.train_lengths[users].sum())
         return int(cuts.sum())
 
@@ -140,7 +142,7 @@ class TrainLoader:
 
     def _batch(self, users: np.ndarray, cuts: np.ndarray, rng: np.random.Generator) -> SeqBatch:
         s, items, off = self.spec, self.split.train_items, self.split.train_offsets
-        m = s.max_history or np.iinfo(np.int64).max
+        m = s.max_history or 2**40
         if s.objective == "prefix":
             lengths = np.minimum(cuts, m)
             starts = off[users] + cuts - lengths
@@ -149,6 +151,20 @@ class TrainLoader:
             targets = np.asarray(items[off[users] + cuts]).astype(np.int64)
             hist = corrupt(hist, s.corruption, rng)
             target_lengths = np.ones(len(users), dtype=np.int64)
+        elif s.objective == "next":
+            full = self.train_lengths[users]  # >= 1 (leave-one-out keeps >= 1 training item)
+            span = np.minimum(full, m + 1)  # inputs are span-1 items, each predicting its successor
+            seq = gather_segments(items, off[users + 1] - span, span).astype(np.int64)
+            seg_start = np.cumsum(span) - span
+            is_first = np.zeros(len(seq), dtype=bool)
+            is_first[seg_start] = True
+            is_last = np.zeros(len(seq), dtype=bool)
+            is_last[np.cumsum(span) - 1] = True
+            hist, targets = seq[~is_last], seq[~is_first]
+            lengths = span - 1
+            readout = np.arange(len(hist), dtype=np.int64)
+            target_lengths = lengths
+            hist = corrupt(hist, s.corruption, rng)
         else:
             full = self.train_lengths[users]
             lengths = np.minimum(full, m)

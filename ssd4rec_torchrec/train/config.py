@@ -38,7 +38,10 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    name: Literal["ssd4rec"] = "ssd4rec"
+    """``ssd4rec`` (Bi-SSD encoder) or the baselines ``sasrec`` (causal Transformer, ``objective: next``)
+    and ``bert4rec`` (bidirectional Transformer, ``objective: cloze``), all on the same jagged input."""
+
+    name: Literal["ssd4rec", "sasrec", "bert4rec"] = "ssd4rec"
     d_model: int = 64
     n_layers: int = 2
     d_state: int = 32
@@ -54,6 +57,8 @@ class ModelSection:
     positional: Literal["none", "learned"] = "none"
     embedding_init_std: float = 0.02
     kernel: Literal["auto", "torch", "mamba"] = "auto"
+    n_heads: int = 2  # sasrec / bert4rec
+    max_positions: int = 512  # sasrec / bert4rec learned positions (and ssd4rec with positional: learned)
 
     def __post_init__(self) -> None:
         if self.d_model < 1 or self.n_layers < 1:
@@ -71,10 +76,11 @@ class ModelSection:
 @dataclass
 class ObjectiveSection:
     """``prefix``: the paper's (a prefix predicts its next item, read at its last token); ``cloze``:
-    masked-item prediction with linear cost. ``corruption`` is the paper's ρ (history items -> id 0)."""
+    masked-item prediction with linear cost; ``next``: every position predicts its successor (SASRec;
+    causal encoders only). ``corruption`` is the paper's ρ (history items -> id 0)."""
 
     SHORTHAND = "name"
-    name: Literal["prefix", "cloze"] = "prefix"
+    name: Literal["prefix", "cloze", "next"] = "prefix"
     prefixes_per_user: int | Literal["all"] = 8
     mask_prob: float = 0.2  # cloze: fraction of items replaced by the mask token
     p_last: float = 0.5  # cloze: probability that the last item is masked
@@ -152,6 +158,11 @@ class TrainConfig:
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self) -> None:
+        if self.objective.name == "next" and self.model.name != "sasrec":
+            raise ValueError(f"objective 'next' trains every position on its successor and needs a causal "
+                             f"encoder (model.name: sasrec), got model.name={self.model.name!r}")
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -125,3 +125,16 @@ def test_negative_sampler_logq():
     w = (counts[1:5] + 1.0) / (counts[1:5] + 1.0).sum()
     assert np.allclose(freq, w, atol=0.01)
     assert np.allclose(logq, np.log(w[ids - 1] * 20000), atol=1e-5)
+
+
+def test_next_objective_predicts_every_successor():
+    split, offsets, items, n = _split(seed=8, lo=4, hi=25)
+    spec = LoaderSpec(objective="next", max_history=10, batch_size=1000)
+    (batch,) = list(TrainLoader(split, n, spec, seed=0).epoch(0))
+    hists = _unpack(batch)
+    t_iter = iter(batch.targets.tolist())
+    assert batch.readout.tolist() == list(range(sum(len(h) for h in hists)))  # every position is read out
+    for u, h in zip(batch.users.tolist(), hists):
+        train = items[offsets[u]:offsets[u + 1] - 2].tolist()[-11:]
+        assert h == train[:-1]
+        assert [next(t_iter) for _ in h] == train[1:]
