@@ -34,12 +34,13 @@ def _load_causal_conv1d() -> Any:
     return causal_conv1d_fn
 
 
+@functools.lru_cache(maxsize=1)
 def causal_conv1d_available() -> bool:
-    """True when the `causal_conv1d` CUDA package imports."""
+    """True when the `causal_conv1d` CUDA package imports (cached: a failing import is tried once)."""
     try:
         _load_causal_conv1d()
     except Exception as exc:  # ImportError or a broken CUDA extension
-        logger.debug("causal_conv1d unavailable: %r", exc)
+        logger.info("causal_conv1d unavailable, varlen_causal_conv1d uses the torch path: %r", exc)
         return False
     return True
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
@@ -49,12 +50,16 @@ def _load_mamba_chunk_scan() -> Any:
     return mamba_chunk_scan_combined
 
 
+@functools.lru_cache(maxsize=1)
 def mamba_ssd_available() -> bool:
-    """True when mamba-ssm's Triton SSD kernel can be imported (it is only *used* by "auto" on CUDA)."""
+    """True when mamba-ssm's Triton SSD kernel can be imported (it is only *used* by "auto" on CUDA).
+
+    Cached, so a failing import is attempted (and logged) once per process.
+    """
     try:
         _load_mamba_chunk_scan()
     except Exception as exc:  # ImportError, or a CUDA extension failing at package import
-        logger.debug("mamba-ssm SSD kernel unavailable: %r", exc)
+        logger.info("mamba-ssm SSD kernel unavailable, ssd_scan(kernel='auto') uses the torch path: %r", exc)
         return False
     return True
 
@@ -109,6 +114,7 @@ class _DecayMatmul(torch.autograd.Function):
         return torch.matmul(Lm if cb is None else Lm * cb, u)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         cb, u, Lm = ctx.saved_tensors
         need_a, need_cb, need_u, _ = ctx.needs_input_grad
@@ -250,7 +256,14 @@ def _ssd_scan_mamba(
     """mamba-ssm's fused Triton SSD with `seq_idx` segment resets (batch of one packed sequence)."""
     if x.shape[0] == 0:
         return x * 0
-    scan = _load_mamba_chunk_scan()
+    try:
+        scan = _load_mamba_chunk_scan()
+    except Exception as exc:
+        raise ImportError(
+            "ssd_scan(kernel='mamba') needs mamba-ssm's Triton kernels (mamba_ssm.ops.triton.ssd_combined). "
+            "On a CPU-only build, mamba_ssm's package __init__ needs a `selective_scan_cuda` stub module and "
+            "the kernels need TRITON_INTERPRET=1 set before import; use kernel='torch' or 'auto' otherwise."
+        ) from exc
     seq_idx = seg.to(torch.int32).unsqueeze(0).contiguous()
     y = scan(
         x.unsqueeze(0).contiguous(),

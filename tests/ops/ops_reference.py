@@ -26,6 +26,21 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
+def sum_rel_err(actual: torch.Tensor, expected_terms: torch.Tensor) -> float:
+    """Error of a gradient that is a sum over tokens, relative to the magnitude of its terms.
+
+    `expected_terms` has a leading token axis; the reference gradient is `expected_terms.sum(0)`. Returns
+    `max|actual - Σ_t terms_t| / max(Σ_t |terms_t|)`. Gradients of parameters shared by all tokens (A, D)
+    are such sums; when the terms nearly cancel, `max|b|` is far below the size of the terms and no fp32
+    computation can resolve the sum to better than ~eps·Σ|terms|, so this is the meaningful relative error.
+    """
+    t = expected_terms.detach().double()
+    ref = t.sum(0)
+    err = (actual.detach().double() - ref).abs().max().item()
+    scale = t.abs().sum(0).max().item()
+    return err / scale if scale > 0 else err
+
+
 def offsets_of(lengths: list[int]) -> torch.Tensor:
     """int64 jagged offsets `[0, cumsum(lengths)]`, written without the library helper."""
     out = [0]
@@ -42,11 +57,13 @@ def ssd_reference(
     C: torch.Tensor,
     offsets: torch.Tensor,
     D: torch.Tensor | None = None,
+    per_token: bool = False,
 ) -> torch.Tensor:
     """Sequential float64 SSD recurrence, one token at a time, state reset at every segment start.
 
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t ;  y_t = h_t · C_t + D x_t  (head h uses group h // (H/G)).
-    Differentiable by autograd (used as the gradient reference too).
+    Differentiable by autograd (used as the gradient reference too). With `per_token=True`, A and D carry
+    a leading T axis (one copy per token), so their gradients come out as per-token terms.
     """
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
     _, H, P = x.shape
@@ -59,11 +76,12 @@ def ssd_reference(
         for t in range(off[s], off[s + 1]):
             Bt = B[t][group]  # (H, N)
             Ct = C[t][group]
-            decay = torch.exp(dt[t] * A)  # (H,)
+            At = A[t] if per_token else A
+            decay = torch.exp(dt[t] * At)  # (H,)
             h = decay[:, None, None] * h + (dt[t][:, None] * x[t])[:, :, None] * Bt[:, None, :]
             yt = (h * Ct[:, None, :]).sum(-1)
             if D is not None:
-                Dd = D.double()
+                Dd = D[t].double() if per_token else D.double()
                 yt = yt + (Dd[:, None] if Dd.dim() == 1 else Dd) * x[t]
             ys.append(yt)
     return torch.stack(ys) if ys else x.new_zeros(0, H, P)

@@ -1,20 +1,27 @@
 """`ssd_scan` (torch path) against an independent float64 token-by-token recurrence.
 
-Error metric everywhere: `rel_err(a, b) = max|a - b| / max|b|` per tensor (see `ops_reference.rel_err`),
-comparing the fp32 implementation with the float64 reference evaluated on the same (fp32-representable)
-inputs. Bounds: 1e-5 on outputs, 1e-4 on the gradients of x, dt, A, B, C and D for a random upstream
-gradient.
+Error metric: `rel_err(a, b) = max|a - b| / max|b|` per tensor (see `ops_reference.rel_err`), comparing
+the fp32 implementation with the float64 reference evaluated on the same (fp32-representable) inputs.
+Bounds: 1e-5 on outputs, 1e-4 on the gradients of x, dt, B, C for a random upstream gradient.
+
+dA and dD are sums of T per-token terms. With a random upstream gradient those terms can cancel to 1e-4
+of their size (hypothesis finds such cases with H = 1), and then no fp32 computation reaches 1e-4 in the
+plain metric (observed 2e-4..4e-4 there, on every chunk size). Their bound of 1e-4 is therefore taken on
+`sum_rel_err` = error / max Σ_t |term_t|, with the per-token terms from the float64 reference run with a
+separate copy of A and D per token. The plain `rel_err` of dA and dD is still returned (keys "dA_plain",
+"dD_plain") for reporting, not asserted (it is unbounded as the cancellation gets worse).
 """
 
 from __future__ import annotations
 
 import resource
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops_reference import make_ssd_inputs, offsets_of, rel_err, ssd_reference
+from ops_reference import make_ssd_inputs, offsets_of, rel_err, ssd_reference, sum_rel_err
 
 import ssd4rec_torchrec.ops.ssd as ssd_mod
 from ssd4rec_torchrec.ops import ssd_scan
@@ -37,12 +44,21 @@ def check_against_reference(
 ) -> dict[str, float]:
     """Run fp32 `ssd_scan` and the float64 reference on the same inputs; assert and return the errors."""
     inp = make_ssd_inputs(lengths, H, G, P, N, D_kind, torch.float32, seed, requires_grad=grads)
-    ref_inp = {k: None if v is None else v.detach().double().requires_grad_(grads) for k, v in inp.items()}
+    T = sum(lengths)
+    # A and D enter the reference once per token (per_token=True) so that their per-token gradient terms
+    # are available for `sum_rel_err`.
+    ref_inp = {k: None if v is None else v.detach().double() for k, v in inp.items()}
+    for k in ("A", "D"):
+        if ref_inp[k] is not None:
+            ref_inp[k] = ref_inp[k].expand(T, *ref_inp[k].shape).clone()
+    for v in ref_inp.values():
+        if v is not None:
+            v.requires_grad_(grads)
     offsets = offsets_of(lengths)
     y = ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets, D=inp["D"],
                  chunk_size=chunk_size, kernel="torch")
     y_ref = ssd_reference(ref_inp["x"], ref_inp["dt"], ref_inp["A"], ref_inp["B"], ref_inp["C"], offsets,
-                          ref_inp["D"])
+                          ref_inp["D"], per_token=True)
     assert y.dtype == torch.float32 and y.shape == inp["x"].shape
     errs = {"y": rel_err(y, y_ref)}
     assert errs["y"] <= OUT_TOL, errs
@@ -55,8 +71,12 @@ def check_against_reference(
                 continue
             g, g_ref = inp[name].grad, ref_inp[name].grad
             assert g is not None and torch.isfinite(g).all(), name
-            errs["d" + name] = rel_err(g, g_ref)
-        assert all(v <= GRAD_TOL for k, v in errs.items() if k != "y"), errs
+            if name in ("A", "D"):
+                errs["d" + name] = sum_rel_err(g, g_ref)
+                errs["d" + name + "_plain"] = rel_err(g, g_ref.sum(0))
+            else:
+                errs["d" + name] = rel_err(g, g_ref)
+        assert all(v <= GRAD_TOL for k, v in errs.items() if k != "y" and not k.endswith("_plain")), errs
     return errs
 
 
@@ -252,3 +272,40 @@ def _call(**over) -> torch.Tensor:
 def test_validation_errors(override: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _call(**override)
+
+
+def test_retain_graph_and_no_double_backward() -> None:
+    """The hand-written backward leaves saved tensors intact (retain_graph works) and refuses double backward."""
+    lengths = [20, 7, 40]
+    inp = make_ssd_inputs(lengths, 2, 1, 3, 4, "h", requires_grad=True)
+    y = ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets_of(lengths), D=inp["D"], chunk_size=8)
+    loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum()
+    first = torch.autograd.grad(loss, [inp[k] for k in NAMES], retain_graph=True)
+    second = torch.autograd.grad(loss, [inp[k] for k in NAMES], retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    (gA,) = torch.autograd.grad(loss, [inp["A"]], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gA.sum().backward()
+
+
+def test_non_contiguous_inputs() -> None:
+    """Strided views (as produced by splitting a fused projection) give the same result as contiguous ones."""
+    lengths = [13, 30, 1]
+    T, H, G, P, N = sum(lengths), 4, 2, 3, 5
+    inp = make_ssd_inputs(lengths, H, G, P, N, "hp")
+    fused = torch.cat([inp["x"].reshape(T, -1), inp["B"].reshape(T, -1), inp["C"].reshape(T, -1),
+                       inp["dt"]], dim=1)
+    x, B, C, dt = torch.split(fused, [H * P, G * N, G * N, H], dim=1)
+    off = offsets_of(lengths)
+    y_strided = ssd_scan(x.reshape(T, H, P), dt, inp["A"], B.reshape(T, G, N), C.reshape(T, G, N), off,
+                         D=inp["D"], chunk_size=8)
+    y = ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], off, D=inp["D"], chunk_size=8)
+    assert torch.equal(y_strided, y)
+
+
+@pytest.mark.skipif("selective_scan_cuda" in sys.modules or torch.cuda.is_available(),
+                    reason="only meaningful where mamba-ssm's package import fails (CPU build, no stub)")
+def test_mamba_kernel_missing_gives_clear_error() -> None:
+    inp = make_ssd_inputs([3], 2, 1, 2, 2, None)
+    with pytest.raises(ImportError, match="kernel='mamba'"):
+        ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets_of([3]), kernel="mamba")
