@@ -16,6 +16,10 @@ which is what `mamba_ssm`'s `mamba_chunk_scan_combined(..., seq_idx=...)` comput
   same dual form (`_segment_scan`, recursive), so there is no Python loop over tokens, segments or chunks
   and memory stays O(T·Q·H) (never O(T²)).
 
+The quadratic part is one custom autograd Function (`_DecayMatmul`) that keeps a single (Q, Q) decay
+matrix per chunk and head for backward and works in place (on CPU a fresh large buffer costs more than
+the arithmetic); the rest is plain autograd over (T, H, P)- and (T/Q, H, P, N)-sized tensors.
+
 Segment boundaries need not align with chunks: a segment-equality mask is applied inside chunks and a
 state is only carried into tokens of the segment it belongs to. Decays are exponentiated only after
 masking (`exp(where(mask, s, -inf))`), so masked terms have exactly zero value and zero gradient.
