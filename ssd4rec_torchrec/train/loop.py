@@ -187,8 +187,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
              "world_size": ctx.world_size}
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        state.update(load_checkpoint(latest, dmp, optimizer, rank=ctx.rank,
-                                     restore_rng=state["world_size"] == ctx.world_size))
+        # restores model, sparse+dense optimizer state, early-stopping state, data position (epoch, step)
+        # and, at the same world size, each rank's RNG (load_checkpoint compares progress["world_size"])
+        state.update(load_checkpoint(latest, dmp, optimizer, rank=ctx.rank))
         log.info("resumed from %s (epoch %d, step %d)", latest, state["epoch"], state["step"])
         state["world_size"] = ctx.world_size
 
