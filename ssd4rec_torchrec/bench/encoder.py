@@ -16,6 +16,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,30 +124,22 @@ class PeakMemory:
         return None if avail is None else 1024 * avail
 
 
-def time_step(
-    enc: BiSSDEncoder, x: torch.Tensor, offsets: torch.Tensor, repeats: int, mem: PeakMemory
-) -> tuple[list[float], int | None]:
-    """Seconds per forward+backward step (after one untimed warm-up step) and the peak bytes of a step."""
-    last = offsets[1:] - 1
-    times = []
-    tracked = mem.reset()
-    for i in range(repeats + 1):
-        enc.zero_grad(set_to_none=True)
-        x.grad = None
-        _sync(x.device)
-        t0 = time.perf_counter()
-        out = enc(x, offsets)
-        # Loss on the read-out tokens plus a small all-token term so every position gets a gradient.
-        loss = out[last].pow(2).mean() + 1e-3 * out.pow(2).mean()
-        loss.backward()
-        _sync(x.device)
-        if i:
-            times.append(time.perf_counter() - t0)
-        del out, loss
-    return times, mem.peak_bytes() if tracked else None
+@dataclass
+class Point:
+    """One (width, packed length) point: its encoder and input, and the step times measured so far."""
+
+    d_model: int
+    total: int
+    lengths: list[int]
+    enc: BiSSDEncoder
+    x: torch.Tensor
+    offsets: torch.Tensor
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
 
 
-def measure(
+def make_point(
     d_model: int,
     total: int,
     *,
@@ -155,12 +148,11 @@ def measure(
     chunk_size: int,
     checkpoint: bool,
     device: torch.device,
-    repeats: int,
     median: float,
     max_length: int,
     seed: int,
-) -> dict[str, Any]:
-    """One table row: a fresh official-shaped encoder (train mode, dropout on) on `total` packed tokens."""
+) -> Point:
+    """A fresh official-shaped encoder (train mode, dropout on) and `total` packed random tokens."""
     torch.manual_seed(seed)
     lengths = segment_lengths(total, median=median, max_length=max_length, seed=seed)
     cfg = EncoderConfig(
@@ -169,29 +161,46 @@ def measure(
     enc = BiSSDEncoder.from_config(cfg).to(device).train()
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    offsets = offsets.to(device)
     x = torch.randn(total, d_model, device=device, requires_grad=True)
-    times, peak = time_step(enc, x, offsets, repeats, PeakMemory(device))
-    sec = statistics.median(times)
+    return Point(d_model, total, lengths, enc, x, offsets.to(device))
+
+
+def step(p: Point) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one forward+backward step."""
+    p.enc.zero_grad(set_to_none=True)
+    p.x.grad = None
+    _sync(p.x.device)
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    out = p.enc(p.x, p.offsets)
+    # Loss on the read-out tokens plus a small all-token term so every position gets a gradient.
+    loss = out[p.offsets[1:] - 1].pow(2).mean() + 1e-3 * out.pow(2).mean()
+    loss.backward()
+    _sync(p.x.device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _row(p: Point, kernel: str) -> dict[str, Any]:
+    sec = statistics.median(p.times)
     return {
-        "d_model": d_model,
-        "total_tokens": total,
-        "n_segments": len(lengths),
-        "max_segment": max(lengths),
+        "d_model": p.d_model,
+        "total_tokens": p.total,
+        "n_segments": len(p.lengths),
+        "max_segment": max(p.lengths),
         "kernel": kernel,
-        "device": str(device),
+        "device": str(p.x.device),
         "seconds_median": sec,
-        "seconds_min": min(times),
-        "seconds_all": times,
-        "tokens_per_s": total / sec,
-        "peak_step_gb": None if peak is None else peak / 1e9,
+        "seconds_min": min(p.times),
+        "seconds_all": p.times,
+        "cpu_seconds_median": statistics.median(p.cpu_times),
+        "tokens_per_s": p.total / sec,
+        "peak_step_gb": None if p.peak_bytes is None else p.peak_bytes / 1e9,
     }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'d':>5} {'tokens':>8} {'segs':>6} {'kernel':>7} {'s/step':>9} {'best s':>9} {'tokens/s':>11} {'peak GB':>8}"
-    )
+    cols = [("d", 5), ("tokens", 8), ("segs", 6), ("kernel", 7), ("s/step", 9), ("best s", 9), ("cpu s", 9)]
+    head = " ".join(f"{name:>{w}}" for name, w in [*cols, ("tokens/s", 11), ("peak GB", 8)])
     lines = [head]
     for r in rows:
         if "skipped" in r:
@@ -200,38 +209,53 @@ def _table(rows: list[dict[str, Any]]) -> str:
         peak = "?" if r["peak_step_gb"] is None else f"{r['peak_step_gb']:.2f}"
         lines.append(
             f"{r['d_model']:>5} {r['total_tokens']:>8} {r['n_segments']:>6} {r['kernel']:>7} "
-            f"{r['seconds_median']:>9.3f} {r['seconds_min']:>9.3f} {r['tokens_per_s']:>11.0f} {peak:>8}"
+            f"{r['seconds_median']:>9.3f} {r['seconds_min']:>9.3f} {r['cpu_seconds_median']:>9.3f} "
+            f"{r['tokens_per_s']:>11.0f} {peak:>8}"
         )
     return "\n".join(lines)
 
 
 def _sweep(dims: list[int], totals: list[int], kernel: str, common: dict[str, Any]) -> list[dict[str, Any]]:
-    """Measure every (d, T), shortest T first, skipping points predicted not to fit in memory."""
+    """Measure every (d, T). Per width: one warm-up step per length, shortest first, skipping lengths
+    predicted (linearly from the previous one's peak) not to fit in memory; then `repeats` rounds that time
+    one step of every length in turn, so load from other processes hits all lengths alike."""
+    common = dict(common)
+    repeats = common.pop("repeats")
+    device = common["device"]
+    mem = PeakMemory(device)
     rows = []
-    mem = PeakMemory(common["device"])
     for d in dims:
-        prev: dict[str, Any] | None = None
+        points: list[Point] = []
+        skipped: dict[int, str] = {}
         for total in totals:
+            prev = points[-1] if points else None
             avail = mem.available_bytes()
-            if prev is not None and prev["peak_step_gb"] is not None and avail is not None:
-                need = prev["peak_step_gb"] * 1e9 * total / prev["total_tokens"]
+            if prev is not None and prev.peak_bytes is not None and avail is not None:
+                need = prev.peak_bytes * total / prev.total
                 if need > MEMORY_HEADROOM * avail:
-                    reason = f"needs ~{need / 1e9:.1f} GB (linear from T={prev['total_tokens']}), "
-                    reason += f"{avail / 1e9:.1f} GB available"
-                    log.warning("d=%d T=%d skipped: %s", d, total, reason)
-                    rows.append({"d_model": d, "total_tokens": total, "kernel": kernel, "skipped": reason})
+                    skipped[total] = (
+                        f"needs ~{need / 1e9:.1f} GB (linear from T={prev.total}), {avail / 1e9:.1f} GB available"
+                    )
+                    log.warning("d=%d T=%d skipped: %s", d, total, skipped[total])
                     continue
-            row = measure(d, total, kernel=kernel, **common)
-            rows.append(row)
-            prev = row
-            log.info(
-                "d=%d T=%d: %.3f s/step, %.0f tokens/s, peak %s GB",
-                d,
-                total,
-                row["seconds_median"],
-                row["tokens_per_s"],
-                row["peak_step_gb"],
+            p = make_point(d, total, kernel=kernel, **common)
+            tracked = mem.reset()
+            step(p)  # warm-up (first-call costs), also gives the peak memory of a step
+            p.peak_bytes = mem.peak_bytes() if tracked else None
+            points.append(p)
+        for _ in range(repeats):
+            for p in points:
+                wall, cpu = step(p)
+                p.times.append(wall)
+                p.cpu_times.append(cpu)
+                log.info("d=%d T=%d: %.3f s (cpu %.3f s)", d, p.total, wall, cpu)
+        by_total = {p.total: _row(p, kernel) for p in points}
+        for total in totals:
+            rows.append(
+                by_total.get(total)
+                or {"d_model": d, "total_tokens": total, "kernel": kernel, "skipped": skipped[total]}
             )
+        del points
     return rows
 
 
@@ -265,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # median: typical step; min: least disturbed by other load on a shared machine
             "time_ratio": hi["seconds_median"] / lo["seconds_median"] if both else None,
             "time_ratio_min": hi["seconds_min"] / lo["seconds_min"] if both else None,
+            "cpu_time_ratio": hi["cpu_seconds_median"] / lo["cpu_seconds_median"] if both else None,
             "linear_would_be": totals[-1] / totals[0],
         }
     log.info(
@@ -279,12 +304,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for d, r in ratios.items():
         if r["time_ratio"] is not None:
             log.info(
-                "d=%s: time(%d)/time(%d) = %.2f median, %.2f best (linear: %.1f)",
+                "d=%s: time(%d)/time(%d) = %.2f median, %.2f best, %.2f cpu (linear: %.1f)",
                 d,
                 totals[-1],
                 totals[0],
                 r["time_ratio"],
                 r["time_ratio_min"],
+                r["cpu_time_ratio"],
                 r["linear_would_be"],
             )
     result: dict[str, Any] = {
