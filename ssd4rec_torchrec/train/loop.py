@@ -255,7 +255,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             log.info("epoch %d valid %s %s = %.4f (best %.4f)", epoch, cfg.train.protocol, cfg.train.metric, value,
                      state["best_value"])
             if value > state["best_value"]:
-                state.update(best_value=value, best_epoch=epoch, bad_evals=0)
+                state.update(best_value=value, best_epoch=epoch, bad_evals=0, best_valid=valid)
                 save_checkpoint(ckpt_root, "best", dmp, None, state, rank=ctx.rank)
             else:
                 state["bad_evals"] += 1
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     best = ckpt_root / "best"
     if best.is_dir():
         load_checkpoint(best, dmp, None, rank=ctx.rank, restore_rng=False)
-    valid = evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
+    valid = state.get("best_valid") or evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
     test = evaluate(dmp.module, split, "test", cfg, ctx, n_items)
     result = {
         "valid": valid,
