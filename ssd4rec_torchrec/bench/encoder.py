@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=2048, help="longest segment (default 2048)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default cuda if available, else cpu)")
     parser.add_argument("--kernel", default="auto", help="ops kernel for the main table (default auto)")
+    parser.add_argument(
+        "--memory-headroom",
+        type=float,
+        default=MEMORY_HEADROOM,
+        help="skip a length predicted to need more than this fraction of available memory (0: never skip)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (d 64, T 1k/4k, 1 repeat)")
 
@@ -215,7 +221,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _sweep(dims: list[int], totals: list[int], kernel: str, common: dict[str, Any]) -> list[dict[str, Any]]:
+def _sweep(
+    dims: list[int], totals: list[int], kernel: str, common: dict[str, Any], headroom: float = MEMORY_HEADROOM
+) -> list[dict[str, Any]]:
     """Measure every (d, T). Per width: one warm-up step per length, shortest first, skipping lengths
     predicted (linearly from the previous one's peak) not to fit in memory; then `repeats` rounds that time
     one step of every length in turn, so load from other processes hits all lengths alike."""
@@ -230,9 +238,9 @@ def _sweep(dims: list[int], totals: list[int], kernel: str, common: dict[str, An
         for total in totals:
             prev = points[-1] if points else None
             avail = mem.available_bytes()
-            if prev is not None and prev.peak_bytes is not None and avail is not None:
+            if headroom > 0 and prev is not None and prev.peak_bytes is not None and avail is not None:
                 need = prev.peak_bytes * total / prev.total
-                if need > MEMORY_HEADROOM * avail:
+                if need > headroom * avail:
                     skipped[total] = (
                         f"needs ~{need / 1e9:.1f} GB (linear from T={prev.total}), {avail / 1e9:.1f} GB available"
                     )
@@ -279,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
     }
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows = _sweep(dims, totals, args.kernel, common)
+    rows = _sweep(dims, totals, args.kernel, common, args.memory_headroom)
     ratios: dict[str, Any] = {}
     for d in dims:
         done = {r["total_tokens"]: r for r in rows if r["d_model"] == d and "skipped" not in r}
@@ -331,14 +339,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "kernel_ratio": None,
     }
     if device.type == "cuda":
-        result["kernel_ratio"] = _kernel_ratios(dims, totals, common)
+        result["kernel_ratio"] = _kernel_ratios(dims, totals, common, args.memory_headroom)
     return result
 
 
-def _kernel_ratios(dims: list[int], totals: list[int], common: dict[str, Any]) -> list[dict[str, Any]]:
+def _kernel_ratios(dims: list[int], totals: list[int], common: dict[str, Any], headroom: float) -> list[dict[str, Any]]:
     """CUDA only: time with the pure-torch kernels / time with the mamba (Triton) kernels, per point."""
-    torch_rows = _sweep(dims, totals, "torch", common)
-    mamba_rows = _sweep(dims, totals, "mamba", common)
+    torch_rows = _sweep(dims, totals, "torch", common, headroom)
+    mamba_rows = _sweep(dims, totals, "mamba", common, headroom)
     out = []
     for a, b in zip(torch_rows, mamba_rows, strict=True):
         entry: dict[str, Any] = {"d_model": a["d_model"], "total_tokens": a["total_tokens"]}

@@ -92,3 +92,17 @@ def test_separate_backward_weights_get_gradients() -> None:
         sep.backward_ssd.out_proj.weight.zero_()
         _, r = sep.directions(torch.randn(17, 16), offsets)
     assert r.abs().max() == 0
+
+
+def test_fused_and_sequential_directions_agree() -> None:
+    """Shared weights: one packed call of 2T tokens (small T) equals two calls of T tokens (large T)."""
+    torch.manual_seed(3)
+    layer = BiSSDLayer(16, dropout=0.0, flip_back=False, **SMALL).eval()
+    offsets = offsets_from_lengths([50, 7, 90])
+    x = torch.randn(147, 16)
+    with torch.no_grad():
+        fused = layer.directions(x, offsets)
+        layer.fuse_directions_max_tokens = 0
+        sequential = layer.directions(x, offsets)
+    for a, b in zip(fused, sequential, strict=True):
+        assert (a - b).abs().max() <= 1e-6
