@@ -18,7 +18,8 @@ from ..data.loader import eval_batches
 from ..train.checkpoint import latest_checkpoint, load_checkpoint
 from ..train.config import TrainConfig
 from ..train.distributed import build_dmp, init_distributed
-from ..train.loop import _history, evaluate, prepare_data
+from ..train.loop import prepare_data
+from .model_eval import eval_histories, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _topk_rows(model, split, which: str, cfg: TrainConfig, ctx, num_items: int, 
         scores = vectors @ items.T  # (B, num_items): column c is item c + 1
         users = batch.users.numpy()[keep]
         if protocol == "filtered":
-            hv, ho = _history(split, which, users)
+            hv, ho = eval_histories(split, which, users)
             rows = torch.repeat_interleave(torch.arange(len(users)), ho.diff())
             seen = (hv >= 1) & (hv <= num_items)
             scores[rows[seen].to(ctx.device), (hv[seen] - 1).to(ctx.device)] = -torch.inf

@@ -216,9 +216,10 @@ def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, *, load_optimizer: b
     ``{split: metrics, "progress": ..., "world_size": ...}``; the model and optimizer are returned under
     ``"_dmp"`` / ``"_optimizer"`` for inspection.
     """
+    from ..eval.model_eval import evaluate
     from ..model import SSD4Rec
     from .distributed import build_dmp, init_distributed
-    from .loop import evaluate, prepare_data
+    from .loop import prepare_data
 
     path = Path(path)
     ctx = init_distributed()

@@ -1,0 +1,70 @@
+"""Full-ranking evaluation of a (possibly sharded) model: users split across ranks, metrics reduced."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..data.batches import gather_segments
+from ..data.loader import eval_batches
+from ..data.preprocess import LeaveOneOut
+from ..train.config import TrainConfig
+from ..train.distributed import DistContext
+
+if TYPE_CHECKING:
+    from ..model import SSD4Rec
+from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores, score_ranks
+
+
+def eval_histories(split: LeaveOneOut, which: str, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged (values, offsets) of the eval input histories of ``users`` (for the filtered protocol)."""
+    off, items = (split.train_offsets, split.train_items) if which == "valid" else (split.test_offsets,
+                                                                                     split.test_items)
+    lengths = off[users + 1] - off[users]
+    values = gather_segments(items, off[users], lengths).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return torch.from_numpy(values), torch.from_numpy(offsets)
+
+
+@torch.no_grad()
+def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
+             num_items: int, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Full-ranking metrics over all users (split across ranks, reduced); both protocols."""
+    was_training = model.training
+    model.eval()
+    items = model.item_vectors()
+    metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
+    for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
+                              batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
+                              rank=ctx.rank, world_size=ctx.world_size):
+        vectors = model.user_vectors(batch.to(ctx.device))
+        keep = batch.weights > 0
+        if not bool(keep.any()):
+            continue
+        users = batch.users[keep].numpy()
+        hv, ho = eval_histories(split, which, users)
+        ranks = score_ranks(vectors[keep.to(ctx.device)].float(), items.float(), batch.targets[keep].to(ctx.device),
+                            history_values=hv.to(ctx.device), history_offsets=ho.to(ctx.device))
+        for p in PROTOCOLS:
+            metrics[p].update(ranks[p])
+    model.train(was_training)
+    return {p: m.all_reduce().compute() for p, m in metrics.items()}
+
+
+def popularity_baseline(split: LeaveOneOut, which: str, ctx: DistContext, num_items: int,
+                        ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """Everyone gets the training-popularity ranking: the floor a sequence model must clearly beat."""
+    scores = popularity_scores(torch.from_numpy(np.asarray(split.train_items, dtype=np.int64)), num_items)
+    targets = split.valid_targets if which == "valid" else split.test_targets
+    users = np.arange(ctx.rank, len(targets), ctx.world_size)
+    metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
+    for start in range(0, len(users), 2048):
+        u = users[start:start + 2048]
+        hv, ho = eval_histories(split, which, u)
+        ranks = ranks_from_scores(scores, torch.from_numpy(np.asarray(targets[u], dtype=np.int64)),
+                                  history_values=hv, history_offsets=ho)
+        for p in PROTOCOLS:
+            metrics[p].update(ranks[p])
+    return {p: m.all_reduce().compute() for p, m in metrics.items()}
