@@ -12,10 +12,10 @@ from ..data.loader import eval_batches
 from ..data.preprocess import LeaveOneOut
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
+from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores, score_ranks
 
 if TYPE_CHECKING:
     from ..model import SSD4Rec
-from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores, score_ranks
 
 
 def eval_histories(split: LeaveOneOut, which: str, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
