@@ -16,9 +16,11 @@ which is what `mamba_ssm`'s `mamba_chunk_scan_combined(..., seq_idx=...)` comput
   same dual form (`_segment_scan`, recursive), so there is no Python loop over tokens, segments or chunks
   and memory stays O(T·Q·H) (never O(T²)).
 
-The quadratic part is one custom autograd Function (`_DecayMatmul`) that keeps a single (Q, Q) decay
-matrix per chunk and head for backward and works in place (on CPU a fresh large buffer costs more than
-the arithmetic); the rest is plain autograd over (T, H, P)- and (T/Q, H, P, N)-sized tensors.
+The quadratic part is one custom autograd Function (`_DecayMatmul`) that runs forward and backward over
+blocks of chunks in two reused work buffers of at most `_BLOCK_BYTES` each (on CPU a fresh large buffer
+costs more than the arithmetic, and small blocks stay in cache), recomputing the (Q, Q) decay matrices in
+backward instead of saving them, so its cost is linear in T with bounded temporaries; the rest is plain
+autograd over (T, H, P)- and (T/Q, H, P, N)-sized tensors.
 
 Segment boundaries need not align with chunks: a segment-equality mask is applied inside chunks and a
 state is only carried into tokens of the segment it belongs to. Decays are exponentiated only after
@@ -44,6 +46,9 @@ logger = logging.getLogger(__name__)
 KERNELS = ("auto", "torch", "mamba")
 # Block length of the recursive scan over chunk states: sequences up to this length are solved densely.
 _SCAN_BLOCK = 16
+# Upper bound on each (…, Q, Q) work buffer of the intra-chunk term (forward and backward run over blocks
+# of chunks that fit; at least one chunk per block).
+_BLOCK_BYTES = 8 * 2**20
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,17 +73,21 @@ def mamba_ssd_available() -> bool:
     return True
 
 
-def _decay_matrix(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _decay_matrix(a: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`exp(a[..., j+1] + ... + a[..., i])` where `mask[..., i, j]` (lower triangle), exactly 0 elsewhere.
 
     The segment sums are `cs_i - cs_j` of the running sum `cs`, accumulated in float64 and split into a
     float32 head and tail, so the fp32 differences keep full relative precision even when `|cs|` is large
     (a plain fp32 cumsum would lose ~eps·|cs|). Masked entries are set to -inf before `exp`, so they are
-    exact zeros (never inf · 0). Only one (…, Q, Q) buffer is allocated; everything else is in place.
+    exact zeros (never inf · 0). Only one (…, Q, Q) buffer is used (`out` when given, which may have a
+    larger, broadcast batch shape than `a`); everything else is in place.
     """
     cs = a.double().cumsum(-1)
     hi = cs.to(a.dtype)
-    S = hi.unsqueeze(-1) - hi.unsqueeze(-2)
+    if out is None:
+        S = hi.unsqueeze(-1) - hi.unsqueeze(-2)
+    else:
+        S = torch.sub(hi.unsqueeze(-1), hi.unsqueeze(-2), out=out)
     if a.dtype != torch.float64:
         lo = (cs - hi.double()).to(a.dtype)
         S.add_(lo.unsqueeze(-1)).sub_(lo.unsqueeze(-2))
@@ -99,44 +108,115 @@ def _segsum_grad(dS: torch.Tensor, a_shape: torch.Size) -> torch.Tensor:
     return F.pad(col[..., :-1], (1, 0)).sum_to_size(a_shape)
 
 
+def _rows(t: torch.Tensor | None, s: int, e: int) -> torch.Tensor | None:
+    """Rows `s:e` of the blocked (leading) dimension, or `t` itself where that dimension is broadcast."""
+    return t if t is None or t.shape[0] == 1 else t[s:e]
+
+
+def _put(dst: torch.Tensor | None, s: int, e: int, src: torch.Tensor) -> None:
+    """Store a block's gradient into `dst` (accumulated where `dst`'s leading dimension is broadcast)."""
+    if dst is None:
+        return
+    if dst.shape[0] == 1:
+        dst.add_(src)
+    else:
+        dst[s:e].copy_(src)
+
+
 class _DecayMatmul(torch.autograd.Function):
     """`y = (cb ∘ exp(segsum(a)) ∘ mask) @ u` with a hand-written backward.
 
-    This is the quadratic ("attention-like") part of the SSD dual form. As one Function it saves a single
-    (…, Q, Q) tensor for backward (the decay matrix) instead of the half-dozen autograd would keep, and
-    works in place where it can (on CPU, allocating a large buffer costs more than the arithmetic).
-    With `S_ij = cs_i - cs_j`: `dS = dM ∘ M`, `dcs = rowsum(dS) - colsum(dS)`, `da = reverse_cumsum(dcs)`.
+    This is the quadratic ("attention-like") part of the SSD dual form. With `S_ij = cs_i - cs_j`:
+    `dS = dM ∘ M`, `dcs = rowsum(dS) - colsum(dS)`, `da = reverse_cumsum(dcs)`.
     Shapes broadcast: a (..., Q), cb (..., Q, Q) or None, u (..., Q, F), mask (..., Q, Q) bool.
+
+    Forward and backward run over blocks of the leading batch dimension (chunks) so that no (…, Q, Q)
+    temporary exceeds `_BLOCK_BYTES`; the two (block, …, Q, Q) work buffers are allocated once per call and
+    reused by every block (on CPU, touching a fresh large buffer costs more than the arithmetic). Nothing of
+    size (…, Q, Q) is saved for backward: the decay matrix is recomputed there, block by block, from `a`
+    (bit-identical to the forward one), so memory between forward and backward is only the inputs.
     """
 
     @staticmethod
     def forward(ctx: Any, a: torch.Tensor, cb: torch.Tensor | None, u: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        Lm = _decay_matrix(a, mask)
-        ctx.save_for_backward(cb, u, Lm)
-        ctx.a_shape = a.shape
-        return torch.matmul(Lm if cb is None else Lm * cb, u)
+        Q = a.shape[-1]
+        # Give all operands the same number of batch dimensions, so the leading one can be blocked.
+        nb = max(a.dim() - 1, u.dim() - 2, mask.dim() - 2, -1 if cb is None else cb.dim() - 2, 1)
+        a_ = a.reshape((1,) * (nb + 1 - a.dim()) + a.shape)
+        u_ = u.reshape((1,) * (nb + 2 - u.dim()) + u.shape)
+        mask_ = mask.reshape((1,) * (nb + 2 - mask.dim()) + mask.shape)
+        cb_ = None if cb is None else cb.reshape((1,) * (nb + 2 - cb.dim()) + cb.shape)
+        batch = torch.broadcast_shapes(a_.shape[:-1], u_.shape[:-2], mask_.shape[:-2],
+                                       () if cb_ is None else cb_.shape[:-2])
+        ctx.save_for_backward(a_, cb_, u_, mask_)
+        ctx.orig_shapes = (a.shape, None if cb is None else cb.shape, u.shape)
+        ctx.batch = batch
+        y = u_.new_empty(batch + (Q, u_.shape[-1]))
+        if y.numel() == 0:
+            return y.reshape(torch.broadcast_shapes(a.shape[:-1], u.shape[:-2], mask.shape[:-2])
+                             + (Q, u.shape[-1]))
+        work = _work_buffer(u_, batch, Q)
+        for s, e in _blocks(batch[0], work.shape[0]):
+            M = _decay_matrix(_rows(a_, s, e), _rows(mask_, s, e), out=work[: e - s])
+            if cb_ is not None:
+                M.mul_(_rows(cb_, s, e))
+            torch.matmul(M, _rows(u_, s, e), out=y[s:e])
+        out_batch = torch.broadcast_shapes(a.shape[:-1], u.shape[:-2], mask.shape[:-2],
+                                           () if cb is None else cb.shape[:-2])
+        return y.reshape(out_batch + (Q, u.shape[-1]))
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cb, u, Lm = ctx.saved_tensors
+        a_, cb_, u_, mask_ = ctx.saved_tensors
         need_a, need_cb, need_u, _ = ctx.needs_input_grad
-        du = da = dcb = None
-        if need_u:
-            M = Lm if cb is None else Lm * cb
-            du = torch.matmul(M.transpose(-1, -2), dy).sum_to_size(u.shape)
-            del M
-        if need_a or need_cb:
-            E = torch.matmul(dy, u.transpose(-1, -2)).mul_(Lm)  # dM ∘ Lm
-            if cb is not None and need_cb:
-                dcb = E.sum_to_size(cb.shape)
-                if need_a and dcb.data_ptr() == E.data_ptr():  # no reduction (one head per group): E is
-                    dcb = dcb.clone()  # about to be overwritten in place
-            if need_a:
-                dS = E if cb is None else E.mul_(cb)  # dM ∘ M; masked entries are 0
-                da = _segsum_grad(dS, ctx.a_shape)
-        return da, dcb, du, None
+        need_cb = need_cb and cb_ is not None
+        batch = ctx.batch
+        Q = a_.shape[-1]
+        dy = dy.reshape(batch + dy.shape[-2:])
+        filled = dy.numel() > 0  # then every row of a non-broadcast gradient is written below
+
+        def grad_buffer(t: torch.Tensor) -> torch.Tensor:
+            full = filled and t.shape[0] == batch[0] > 1
+            return t.new_empty(t.shape) if full else t.new_zeros(t.shape)
+
+        da = grad_buffer(a_) if need_a else None
+        dcb = grad_buffer(cb_) if need_cb else None
+        du = grad_buffer(u_) if need_u else None
+        if filled and (need_a or need_cb or need_u):
+            work_l = _work_buffer(u_, batch, Q)
+            work_e = torch.empty_like(work_l)
+            for s, e in _blocks(batch[0], work_l.shape[0]):
+                a_b, cb_b, u_b, dy_b = _rows(a_, s, e), _rows(cb_, s, e), _rows(u_, s, e), dy[s:e]
+                Lm = _decay_matrix(a_b, _rows(mask_, s, e), out=work_l[: e - s])
+                if need_u:
+                    M = Lm if cb_b is None else torch.mul(Lm, cb_b, out=work_e[: e - s])
+                    _put(du, s, e, torch.matmul(M.transpose(-1, -2), dy_b).sum_to_size(u_b.shape))
+                if need_a or need_cb:
+                    E = torch.matmul(dy_b, u_b.transpose(-1, -2), out=work_e[: e - s]).mul_(Lm)  # dM ∘ Lm
+                    if need_cb:
+                        _put(dcb, s, e, E.sum_to_size(cb_b.shape))  # copied out before E is overwritten
+                    if need_a:
+                        dS = E if cb_b is None else E.mul_(cb_b)  # dM ∘ M; masked entries are 0
+                        _put(da, s, e, _segsum_grad(dS, a_b.shape))
+        a_shape, cb_shape, u_shape = ctx.orig_shapes
+        return (None if da is None else da.reshape(a_shape),
+                None if dcb is None else dcb.reshape(cb_shape),
+                None if du is None else du.reshape(u_shape), None)
+
+
+def _work_buffer(like: torch.Tensor, batch: torch.Size, Q: int) -> torch.Tensor:
+    """An uninitialised (rows, *batch[1:], Q, Q) buffer with as many leading rows as `_BLOCK_BYTES` allows."""
+    per_row = like.element_size() * Q * Q
+    for d in batch[1:]:
+        per_row *= d
+    rows = max(1, min(batch[0], _BLOCK_BYTES // max(per_row, 1)))
+    return like.new_empty((rows,) + tuple(batch[1:]) + (Q, Q))
+
+
+def _blocks(n: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 def _masked_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
