@@ -15,7 +15,7 @@ from ops_reference import conv_reference, offsets_of, rel_err
 from ssd4rec_torchrec.ops import varlen_causal_conv1d
 
 OUT_TOL = 1e-6
-GRAD_TOL = 1e-5
+GRAD_TOL = 1e-4  # gradients are sums over tokens (dw, db cancel); same bound the SSD scan uses
 
 
 def check_conv(lengths: list[int], C: int, W: int, with_bias: bool, activation: str | None, seed: int = 0) -> dict:
