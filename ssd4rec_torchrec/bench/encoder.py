@@ -5,6 +5,12 @@ time one training step of `BiSSDEncoder` (forward, scalar loss, backward) and re
 ratio time(T_max)/time(T_min); a linear-in-T encoder gives T_max/T_min (8.0 for 8k -> 64k). With CUDA, the
 same steps also run with the torch kernels and with the mamba (Triton) kernels and their time ratio is
 reported. Used by `apps/bench.py encoder`; `python -m ssd4rec_torchrec.bench.encoder` also works.
+
+CPU notes. Lengths are timed in interleaved rounds and wall, best and CPU times are all kept, because other
+processes on a shared machine disturb single runs a lot. glibc serves large tensors with fresh mmaps that are
+page-faulted again on every step; with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` freed
+memory is reused (as a caching allocator would), which was ~5x faster at d=64 with a lower peak on the
+team's VM. The result records any `MALLOC_*` variables and the load average.
 """
 
 from __future__ import annotations
