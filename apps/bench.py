@@ -1,9 +1,14 @@
+# ruff: noqa: E402  (tune_malloc() must run before the imports below pull in torch)
 """Benchmarks: `python apps/bench.py SUITE [options]` prints a table and writes JSON (+ PNG) to --out.
 
 Suites: data (prepare 50M synthetic interactions), encoder (Bi-SSD encoder tokens/s vs length).
 """
 
 from __future__ import annotations
+
+from ssd4rec_torchrec.runtime import tune_malloc
+
+tune_malloc()  # before torch is imported: re-exec with glibc malloc settings (see runtime.py)
 
 import argparse
 import importlib

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (tune_malloc() must run before the imports below pull in torch)
 """Train SSD4Rec (one process, or one rank of a torchrun/TorchX job).
 
   python apps/train.py --config configs/tiny.yaml
@@ -6,6 +7,10 @@
 """
 
 from __future__ import annotations
+
+from ssd4rec_torchrec.runtime import tune_malloc
+
+tune_malloc()  # before torch is imported: re-exec with glibc malloc settings (see runtime.py)
 
 import argparse
 import sys
