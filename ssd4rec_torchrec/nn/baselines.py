@@ -212,13 +212,16 @@ class JaggedTransformerEncoder(nn.Module):
         ln_eps: float = 1e-12,
         norm_embedding: bool = True,
         *,
-        causal: bool,
+        causal: bool | None = None,
         attn_dropout: float | None = None,
         position_policy: PositionPolicy = "clamp",
         bucket_ratio: float = 0.5,
         max_chunk_elems: int = 1 << 24,
     ) -> None:
         super().__init__()
+        causal = getattr(self, "CAUSAL", None) if causal is None else causal
+        if causal is None:
+            raise ValueError("causal must be given (True: SASRec-style, False: BERT4Rec-style)")
         if position_policy not in ("clamp", "recent"):
             raise ValueError(f"position_policy must be 'clamp' or 'recent', got {position_policy!r}")
         if max_positions < 1:
@@ -273,51 +276,11 @@ class SASRecEncoder(JaggedTransformerEncoder):
     """SASRec (causal self-attention): output at token t depends on tokens <= t of its segment only, so it
     can predict item t+1 (next-item objective at every position, wired in the training code)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_layers: int = 2,
-        n_heads: int = 2,
-        dropout: float = 0.2,
-        max_positions: int = 512,
-        ffn_mult: int = 4,
-        ln_eps: float = 1e-12,
-        norm_embedding: bool = True,
-        *,
-        attn_dropout: float | None = None,
-        position_policy: PositionPolicy = "clamp",
-        bucket_ratio: float = 0.5,
-        max_chunk_elems: int = 1 << 24,
-    ) -> None:
-        super().__init__(
-            d_model, n_layers, n_heads, dropout, max_positions, ffn_mult, ln_eps, norm_embedding,
-            causal=True, attn_dropout=attn_dropout, position_policy=position_policy, bucket_ratio=bucket_ratio,
-            max_chunk_elems=max_chunk_elems,
-        )
+    CAUSAL = True
 
 
 class BERT4RecEncoder(JaggedTransformerEncoder):
     """BERT4Rec (bidirectional self-attention within each segment), used with the cloze objective (masked
     items are replaced by a mask embedding upstream and predicted from this encoder's output there)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        n_layers: int = 2,
-        n_heads: int = 2,
-        dropout: float = 0.2,
-        max_positions: int = 512,
-        ffn_mult: int = 4,
-        ln_eps: float = 1e-12,
-        norm_embedding: bool = True,
-        *,
-        attn_dropout: float | None = None,
-        position_policy: PositionPolicy = "clamp",
-        bucket_ratio: float = 0.5,
-        max_chunk_elems: int = 1 << 24,
-    ) -> None:
-        super().__init__(
-            d_model, n_layers, n_heads, dropout, max_positions, ffn_mult, ln_eps, norm_embedding,
-            causal=False, attn_dropout=attn_dropout, position_policy=position_policy, bucket_ratio=bucket_ratio,
-            max_chunk_elems=max_chunk_elems,
-        )
+    CAUSAL = False
