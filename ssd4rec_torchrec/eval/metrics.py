@@ -31,8 +31,14 @@ __all__ = [
     "DEFAULT_KS",
     "PROTOCOLS",
     "RankingMetrics",
+    "block_rank_counts",
+    "block_topk",
+    "canonical_scores",
+    "canonical_target_scores",
     "evaluate_protocols",
     "evaluate_scores",
+    "finish_ranks",
+    "merge_topk",
     "popularity_scores",
     "ranks_from_scores",
     "score_ranks",
@@ -314,6 +320,144 @@ def _round_outward(x: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     return torch.where(wrong, torch.nextafter(y, step), y)
 
 
+def _check_vectors(user_vectors: Tensor, item_vectors: Tensor) -> None:
+    for name, t in (("user_vectors", user_vectors), ("item_vectors", item_vectors)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
+            raise ValueError(
+                f"{name} must be a 2-D floating tensor, got {getattr(t, 'shape', type(t))} {getattr(t, 'dtype', '')}"
+            )
+    if user_vectors.shape[1] != item_vectors.shape[1]:
+        raise ValueError(f"user_vectors has d={user_vectors.shape[1]} but item_vectors has d={item_vectors.shape[1]}")
+    if user_vectors.device != item_vectors.device:
+        raise ValueError(f"user_vectors on {user_vectors.device} but item_vectors on {item_vectors.device}")
+    for name, t in (("user_vectors", user_vectors), ("item_vectors", item_vectors)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contain NaN or inf; scores would be undefined")
+
+
+def _check_block(first_col: int, block_items: int, num_items: int) -> None:
+    if isinstance(first_col, bool) or not isinstance(first_col, int) or first_col < 0:
+        raise ValueError(f"first_col must be a non-negative int, got {first_col!r}")
+    if first_col + block_items > num_items:
+        raise ValueError(f"item block columns {first_col}..{first_col + block_items - 1} exceed num_items={num_items}")
+
+
+def _error_margin(users_t: Tensor, block_t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Per-user bound (doubled) on |fast matmul score - canonical score| for every item of the block.
+
+    ``(2 u_in + (d + 2) u + (d + 2) 2^-53) * |user| * max |item|`` (Cauchy-Schwarz on |u_k| |i_k|), times 2.
+    """
+    dim = users_t.shape[0]
+    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    input_roundoff = _fp32_matmul_input_roundoff(device) if dtype == torch.float32 else 0.0
+    rel = 2.0 * (2.0 * input_roundoff + (dim + 2) * unit + (dim + 2) * 2.0**-53)
+    item_norm = torch.linalg.vector_norm(block_t, dim=0).max() if block_t.shape[1] else block_t.new_zeros(())
+    return rel * torch.linalg.vector_norm(users_t, dim=0) * item_norm
+
+
+def canonical_scores(user_vectors: Tensor, item_vectors: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """float64 scores of (user ``rows[p]``, item row ``cols[p]``) summed in the fixed order k = 0 .. d-1.
+
+    The scores every ranking here is defined by: bit-identical whatever the batch, chunking, sharding,
+    device or BLAS (see ``score_ranks``).
+    """
+    return _canonical_dot(user_vectors.to(torch.float64).T.contiguous(), item_vectors.to(torch.float64).T.contiguous(),
+                          rows, cols)
+
+
+def canonical_target_scores(user_vectors: Tensor, item_block: Tensor, targets: Tensor, first_col: int = 0
+                            ) -> tuple[Tensor, Tensor]:
+    """Canonical scores of each user's target *if its row is in the block* (columns ``first_col ..``).
+
+    Returns ``(scores (B,) float64, inside (B,) bool)``; scores are 0 where the target lies outside, so
+    summing over disjoint blocks (e.g. an all-reduce over the ranks of a row-wise sharded table) gives
+    every target's score exactly (x + 0 = x).
+    """
+    cols = targets.to(user_vectors.device).long() - 1 - first_col
+    inside = (cols >= 0) & (cols < item_block.shape[0])
+    scores = torch.zeros(targets.numel(), dtype=torch.float64, device=user_vectors.device)
+    rows = inside.nonzero().squeeze(1)
+    if rows.numel():
+        scores[rows] = canonical_scores(user_vectors, item_block, rows, cols[rows])
+    return scores, inside
+
+
+def block_rank_counts(
+    user_vectors: Tensor,
+    item_block: Tensor,
+    targets: Tensor,
+    target_scores: Tensor,
+    *,
+    first_col: int,
+    num_items: int,
+    history_values: Tensor,
+    history_offsets: Tensor,
+    protocols: Sequence[str] = PROTOCOLS,
+    chunk_items: int | None = None,
+) -> dict[str, Tensor]:
+    """Per protocol, how many items of one block of columns score at or above each user's target.
+
+    ``item_block`` holds the vectors of item columns ``first_col .. first_col + n - 1`` (items
+    ``first_col + 1 ..``); ``target_scores`` are the targets' canonical scores (``canonical_target_scores``,
+    summed over blocks). The target column itself is never counted; ``"filtered"`` skips the user's
+    history. Summing the counts of disjoint blocks that cover the catalog and applying ``finish_ranks``
+    gives exactly ``score_ranks`` - that is how a row-wise sharded table is ranked without any rank holding
+    the whole table.
+    """
+    _check_vectors(user_vectors, item_block)
+    protocols = _check_protocols(protocols)
+    _check_block(first_col, item_block.shape[0], num_items)
+    batch, device = user_vectors.shape[0], user_vectors.device
+    targets = _check_targets(targets, batch, 1, num_items, "item indices").to(device)
+    bounds = [(first_col + lo, first_col + hi) for lo, hi in _chunk_bounds(item_block.shape[0], chunk_items)]
+    history = _History(history_values, history_offsets, batch, num_items, device,
+                       chunked=bounds != [(0, num_items)])
+    counts = {p: torch.zeros(batch, dtype=torch.long, device=device) for p in protocols}
+    if batch == 0 or item_block.shape[0] == 0:
+        return counts
+    dtype = _compute_dtype(user_vectors, item_block)
+    users = user_vectors.to(dtype)
+    users_t = user_vectors.to(torch.float64).T.contiguous()
+    block_t = item_block.to(torch.float64).T.contiguous()
+    target_scores = target_scores.to(device=device, dtype=torch.float64)
+    margin = _error_margin(users_t, block_t, dtype, device)
+    upper = _round_outward(target_scores + margin, dtype, up=True).unsqueeze(1)
+    lower = _round_outward(target_scores - margin, dtype, up=False).unsqueeze(1)
+    target_cols = targets - 1
+
+    for lo, hi in bounds:
+        scores = users @ item_block[lo - first_col : hi - first_col].to(dtype).T
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("scores overflowed to inf / NaN; rescale the vectors or pass float64")
+        above = scores > upper
+        near_rows, near_cols = ((scores >= lower) & ~above).nonzero(as_tuple=True)
+        if near_rows.numel():
+            exact = _canonical_dot(users_t, block_t, near_rows, near_cols + (lo - first_col))
+            exact = exact >= target_scores[near_rows]
+            above.index_put_((near_rows, near_cols), exact)
+        above = _clear_target_columns(above, lo, target_cols)
+        if "unfiltered" in counts:
+            counts["unfiltered"] += above.sum(1)
+        if "filtered" in counts:
+            counts["filtered"] += (above & ~history.mask(lo, hi)).sum(1)
+    return counts
+
+
+def finish_ranks(counts: dict[str, Tensor], targets: Tensor, *, num_items: int, history_values: Tensor,
+                 history_offsets: Tensor) -> dict[str, Tensor]:
+    """Block counts summed over the whole catalog -> ranks: a filtered target inside the history is a miss."""
+    if "filtered" not in counts:
+        return dict(counts)
+    batch = counts["filtered"].numel()
+    device = counts["filtered"].device
+    targets = _check_targets(targets, batch, 1, num_items, "item indices").to(device)
+    history = _History(history_values, history_offsets, batch, num_items, device)
+    seen = history.contains(targets - 1)
+    out = dict(counts)
+    out["filtered"] = torch.where(seen, torch.full_like(counts["filtered"], num_items), counts["filtered"])
+    return out
+
+
 def score_ranks(
     user_vectors: Tensor,
     item_vectors: Tensor,
@@ -342,61 +486,110 @@ def score_ranks(
     apart in one chunking and not in another. The matmul therefore only decides items that are above or below
     the target by more than a rigorous error bound (``(2 u_in + (d + 2) u) * |user| * max |item|``, doubled);
     the few inside that band, and the target itself, are re-scored with a fixed-order float64 dot product
-    and compared exactly. The rank is thus the pessimistic rank under those canonical scores, independent of
-    chunking, batching, device and BLAS. Returns ``{protocol: (B,) int64}``.
+    (``canonical_scores``) and compared exactly. The rank is thus the pessimistic rank under those canonical
+    scores, independent of chunking, batching, sharding, device and BLAS. Returns ``{protocol: (B,) int64}``.
+    A sharded table is ranked block by block: ``block_rank_counts`` + ``finish_ranks``.
     """
-    for name, t in (("user_vectors", user_vectors), ("item_vectors", item_vectors)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
-            raise ValueError(
-                f"{name} must be a 2-D floating tensor, got {getattr(t, 'shape', type(t))} {getattr(t, 'dtype', '')}"
-            )
-    if user_vectors.shape[1] != item_vectors.shape[1]:
-        raise ValueError(f"user_vectors has d={user_vectors.shape[1]} but item_vectors has d={item_vectors.shape[1]}")
-    if user_vectors.device != item_vectors.device:
-        raise ValueError(f"user_vectors on {user_vectors.device} but item_vectors on {item_vectors.device}")
-    num_items, dim = item_vectors.shape
+    _check_vectors(user_vectors, item_vectors)
+    num_items = item_vectors.shape[0]
     if num_items < 1:
         raise ValueError("item_vectors must have at least one item row")
     protocols = _check_protocols(protocols)
-    bounds = _chunk_bounds(num_items, chunk_items)
+    _chunk_bounds(num_items, chunk_items)
     batch, device = user_vectors.shape[0], user_vectors.device
     targets = _check_targets(targets, batch, 1, num_items, "item indices").to(device)
-    history = _History(history_values, history_offsets, batch, num_items, device, chunked=len(bounds) > 1)
-    target_cols = targets - 1
     if batch == 0:
+        _History(history_values, history_offsets, batch, num_items, device)
         return {p: torch.zeros(0, dtype=torch.long, device=device) for p in protocols}
-    for name, t in (("user_vectors", user_vectors), ("item_vectors", item_vectors)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contain NaN or inf; scores would be undefined")
+    target_scores, _ = canonical_target_scores(user_vectors, item_vectors, targets)
+    counts = block_rank_counts(user_vectors, item_vectors, targets, target_scores, first_col=0, num_items=num_items,
+                               history_values=history_values, history_offsets=history_offsets, protocols=protocols,
+                               chunk_items=chunk_items)
+    return finish_ranks(counts, targets, num_items=num_items, history_values=history_values,
+                        history_offsets=history_offsets)
 
-    dtype = _compute_dtype(user_vectors, item_vectors)
+
+# --------------------------------------------------------------------------------------------------------------
+# top-k under canonical scores (exact, shardable)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _order_candidates(scores: Tensor, cols: Tensor, targets: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Rows of candidates sorted by score descending, then (pessimistic ties) the target after its tied
+    items, then column ascending; the first ``k`` of each row."""
+    order = torch.argsort(cols, dim=1, stable=True)
+    scores, cols = scores.gather(1, order), cols.gather(1, order)
+    if targets is not None:
+        is_target = (cols == (targets.to(cols.device).long() - 1).unsqueeze(1)).to(torch.int8)
+        order = torch.argsort(is_target, dim=1, stable=True)
+        scores, cols = scores.gather(1, order), cols.gather(1, order)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), cols.gather(1, order)
+
+
+def block_topk(
+    user_vectors: Tensor,
+    item_block: Tensor,
+    k: int,
+    *,
+    first_col: int = 0,
+    num_items: int | None = None,
+    history_values: Tensor | None = None,
+    history_offsets: Tensor | None = None,
+    targets: Tensor | None = None,
+    chunk_items: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Each user's top-``min(k, n)`` items of one block of columns under canonical scores.
+
+    Returns ``(scores (B, k') float64, cols (B, k') int64 global item columns)`` ordered by score descending,
+    ties by column ascending except that a user's ``targets`` item (if given) goes after the items tied with
+    it - the pessimistic convention of the ranks, so a dump reproduces the metrics even with ties. With a
+    history, those items are excluded (score ``-inf``; they appear only if fewer than ``k`` others exist).
+    Exact: candidates are every item within the fast matmul's error bound of the k-th fast score, re-scored
+    canonically. ``merge_topk`` of the blocks' results equals the top-k of the whole catalog.
+    """
+    _check_vectors(user_vectors, item_block)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    num_items = item_block.shape[0] + first_col if num_items is None else num_items
+    _check_block(first_col, item_block.shape[0], num_items)
+    batch, device = user_vectors.shape[0], user_vectors.device
+    history = None
+    if history_values is not None:
+        history = _History(history_values, history_offsets, batch, num_items, device,
+                           chunked=(first_col, item_block.shape[0]) != (0, num_items) or chunk_items is not None)
+    dtype = _compute_dtype(user_vectors, item_block)
     users = user_vectors.to(dtype)
     users_t = user_vectors.to(torch.float64).T.contiguous()
-    items_t = item_vectors.to(torch.float64).T.contiguous()
-    user_rows = torch.arange(batch, device=device)
-    target_scores = _canonical_dot(users_t, items_t, user_rows, target_cols)
-
-    # Error bound of the fast matmul + of the canonical sums, per user (Cauchy-Schwarz on |u_k| |i_k|).
-    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-53
-    input_roundoff = _fp32_matmul_input_roundoff(device) if dtype == torch.float32 else 0.0
-    rel = 2.0 * (2.0 * input_roundoff + (dim + 2) * unit + (dim + 2) * 2.0**-53)
-    scale = torch.linalg.vector_norm(users_t, dim=0) * torch.linalg.vector_norm(items_t, dim=0).max()
-    margin = rel * scale
-    upper = _round_outward(target_scores + margin, dtype, up=True).unsqueeze(1)
-    lower = _round_outward(target_scores - margin, dtype, up=False).unsqueeze(1)
-
-    def at_or_above(lo: int, hi: int) -> Tensor:
-        scores = users @ item_vectors[lo:hi].to(dtype).T
-        if not bool(torch.isfinite(scores).all()):
+    block_t = item_block.to(torch.float64).T.contiguous()
+    margin = _error_margin(users_t, block_t, dtype, device).unsqueeze(1)
+    best_scores = torch.zeros(batch, 0, dtype=torch.float64, device=device)
+    best_cols = torch.zeros(batch, 0, dtype=torch.long, device=device)
+    for lo, hi in _chunk_bounds(item_block.shape[0], chunk_items) if item_block.shape[0] else []:
+        fast = users @ item_block[lo:hi].to(dtype).T
+        if not bool(torch.isfinite(fast).all()):
             raise ValueError("scores overflowed to inf / NaN; rescale the vectors or pass float64")
-        above = scores > upper
-        near_rows, near_cols = ((scores >= lower) & ~above).nonzero(as_tuple=True)
-        if near_rows.numel():
-            exact = _canonical_dot(users_t, items_t, near_rows, near_cols + lo) >= target_scores[near_rows]
-            above.index_put_((near_rows, near_cols), exact)
-        return above
+        excluded = history.mask(first_col + lo, first_col + hi) if history is not None else None
+        if excluded is not None:
+            fast = fast.masked_fill(excluded, -math.inf)
+        kk = min(k, hi - lo)
+        kth = torch.topk(fast, kk, dim=1).values[:, -1:].to(torch.float64)
+        rows, cols = (fast.to(torch.float64) >= kth - margin).nonzero(as_tuple=True)
+        exact = torch.full(fast.shape, -math.inf, dtype=torch.float64, device=device)
+        exact[rows, cols] = _canonical_dot(users_t, block_t, rows, cols + lo)
+        if excluded is not None:
+            exact = exact.masked_fill(excluded, -math.inf)
+        chunk_cols = torch.arange(first_col + lo, first_col + hi, device=device).expand(batch, -1)
+        scores, picked = _order_candidates(exact, chunk_cols, targets, kk)
+        best_scores, best_cols = merge_topk([best_scores, scores], [best_cols, picked], k, targets=targets)
+    return best_scores, best_cols
 
-    return _ranks_over_chunks(at_or_above, bounds, num_items, batch, device, target_cols, history, protocols)
+
+def merge_topk(scores: Sequence[Tensor], cols: Sequence[Tensor], k: int, *, targets: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """Merge per-block (or per-rank) top-k lists of the same users into the overall top-k (same order rule
+    as ``block_topk``)."""
+    return _order_candidates(torch.cat(list(scores), dim=1), torch.cat(list(cols), dim=1), targets, k)
 
 
 def ranks_from_scores(

@@ -1,4 +1,8 @@
-"""Full-ranking evaluation of a (possibly sharded) model: users split across ranks, metrics reduced."""
+"""Full-ranking evaluation of a (possibly sharded) model: users split across ranks, metrics reduced.
+
+The item table is never gathered: each rank scores every batch's users against its own table rows and
+the per-rank counts are reduced (``eval.sharded``); results equal a single-process brute-force ranking.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from ..data.loader import eval_batches
 from ..data.preprocess import LeaveOneOut
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
-from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores, score_ranks
+from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores
+from .sharded import ItemBlock, local_item_blocks, sharded_score_ranks
 
 if TYPE_CHECKING:
     from ..model import SSD4Rec
@@ -28,25 +33,31 @@ def eval_histories(split: LeaveOneOut, which: str, users: np.ndarray) -> tuple[t
     return torch.from_numpy(values), torch.from_numpy(offsets)
 
 
+def item_blocks(model: SSD4Rec, ctx: DistContext) -> list[ItemBlock]:
+    """This rank's rows of the model's item table (its shards; a replicated table split by rank)."""
+    from ..model import TABLE
+
+    return local_item_blocks(model.ec, f"embeddings.{TABLE}.weight", model.num_items, ctx.rank, ctx.world_size,
+                             normalize=model.l2_normalize)
+
+
 @torch.no_grad()
 def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
              num_items: int, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """Full-ranking metrics over all users (split across ranks, reduced); both protocols."""
+    """Full-ranking metrics over all users (split across ranks, reduced); both protocols. Collective."""
     was_training = model.training
     model.eval()
-    items = model.item_vectors()
+    blocks = item_blocks(model, ctx)
     metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
     for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
                               batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
                               rank=ctx.rank, world_size=ctx.world_size):
         vectors = model.user_vectors(batch.to(ctx.device))
         keep = batch.weights > 0
-        if not bool(keep.any()):
-            continue
         users = batch.users[keep].numpy()
         hv, ho = eval_histories(split, which, users)
-        ranks = score_ranks(vectors[keep.to(ctx.device)].float(), items.float(), batch.targets[keep].to(ctx.device),
-                            history_values=hv.to(ctx.device), history_offsets=ho.to(ctx.device))
+        ranks = sharded_score_ranks(vectors[keep.to(ctx.device)].float(), batch.targets[keep].to(ctx.device),
+                                    hv.to(ctx.device), ho.to(ctx.device), blocks, num_items)
         for p in PROTOCOLS:
             metrics[p].update(ranks[p])
     model.train(was_training)

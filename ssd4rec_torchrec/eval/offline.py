@@ -19,7 +19,8 @@ from ..train.checkpoint import latest_checkpoint, load_checkpoint
 from ..train.config import TrainConfig
 from ..train.distributed import build_dmp, init_distributed
 from ..train.loop import prepare_data
-from .model_eval import eval_histories, evaluate
+from .model_eval import eval_histories, evaluate, item_blocks
+from .sharded import sharded_topk
 
 log = logging.getLogger(__name__)
 
@@ -38,32 +39,31 @@ def resolve_checkpoint(run_dir: Path, which: str) -> Path:
 @torch.no_grad()
 def _topk_rows(model, split, which: str, cfg: TrainConfig, ctx, num_items: int, k: int, protocol: str,
                user_ids: np.ndarray, item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """This rank's users' top-K rows (exact, from the ranks' own table shards; see ``eval.sharded``)."""
     model.eval()
-    items = model.item_vectors().float()
+    blocks = item_blocks(model, ctx)
     cols: dict[str, list[np.ndarray]] = {c: [] for c in DUMP_COLUMNS}
     k = min(k, num_items)
     for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
                               batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
                               rank=ctx.rank, world_size=ctx.world_size):
         keep = (batch.weights > 0).numpy()
-        if not keep.any():
-            continue
         vectors = model.user_vectors(batch.to(ctx.device)).float()[torch.from_numpy(keep).to(ctx.device)]
-        scores = vectors @ items.T  # (B, num_items): column c is item c + 1
         users = batch.users.numpy()[keep]
+        targets = batch.targets[torch.from_numpy(keep)]
+        hv = ho = None
         if protocol == "filtered":
-            hv, ho = eval_histories(split, which, users)
-            rows = torch.repeat_interleave(torch.arange(len(users)), ho.diff())
-            seen = (hv >= 1) & (hv <= num_items)
-            scores[rows[seen].to(ctx.device), (hv[seen] - 1).to(ctx.device)] = -torch.inf
-        top_scores, top_cols = torch.topk(scores, k, dim=1)  # ties broken by torch.topk; documented
+            hv, ho = (t.to(ctx.device) for t in eval_histories(split, which, users))
+        top_scores, top_cols = sharded_topk(vectors, targets.to(ctx.device), blocks, num_items, k,
+                                            history_values=hv, history_offsets=ho)
+        if not len(users):
+            continue
         b = len(users)
         cols["user_id"].append(np.repeat(user_ids[users], k))
         cols["rank"].append(np.tile(np.arange(1, k + 1), b))
         cols["item_id"].append(item_ids[top_cols.cpu().numpy().ravel()])
-        cols["score"].append(top_scores.cpu().numpy().ravel().astype(np.float32))
-        targets = batch.targets.numpy()[keep]
-        cols["target_item_id"].append(np.repeat(item_ids[targets - 1], k))
+        cols["score"].append(top_scores.cpu().numpy().ravel())
+        cols["target_item_id"].append(np.repeat(item_ids[targets.numpy() - 1], k))
     return {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()}
 
 
