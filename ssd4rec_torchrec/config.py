@@ -2,11 +2,24 @@
 
 An unknown key, a wrong type or a bad value fails at start with one line naming the dotted key, e.g.
 ``config: train.epochs: expected int, got 'ten'``. ``key=value`` overrides use the same dotted names.
+
+Inheritance: a top-level ``base: <path relative to this file>`` loads that file first (recursively; a cycle
+is an error naming the files) and deep-merges this file over it:
+
+- mapping over mapping: merged key by key (recursively);
+- scalar over a mapping whose section has a ``SHORTHAND`` field: sets that field and keeps the base's other
+  fields (``loss: sampled`` over ``loss: {name: full, temperature: 0.5}`` -> ``{name: sampled, temperature:
+  0.5}``); mapping over a base shorthand scalar: the scalar is expanded first (``{name: <scalar>}``);
+- anything else (scalars, lists, ``null``) replaces the base value; ``null`` resets a section to its defaults.
+
+Without a schema (``load_yaml(path)``), every nested section is assumed to use ``name`` as its shorthand, like
+``apply_overrides``; with ``load_yaml(path, schema=TrainConfig)`` the dataclasses' own ``SHORTHAND`` is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -142,8 +155,44 @@ def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+BASE_KEY = "base"
+DEFAULT_SHORTHAND = "name"  # the shorthand field assumed when merging without a schema (as in apply_overrides)
+
+
+def _section(schema: Any, key: str) -> Any:
+    """The dataclass type of field ``key`` of dataclass ``schema`` (None if unknown or not a dataclass)."""
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return None
+    tp = get_type_hints(schema).get(key)
+    return tp if tp is not None and dataclasses.is_dataclass(tp) else None
+
+
+def deep_merge(base: dict, over: dict, schema: type | None = None, *, typed: bool | None = None) -> dict:
+    """``over`` merged over ``base`` (neither is modified); the rules are in the module docstring.
+
+    ``schema`` (a config dataclass) tells which sections have a ``SHORTHAND`` field; without one, nested
+    sections are assumed to use ``name``.
+    """
+    typed = schema is not None if typed is None else typed
+    out = dict(base)
+    for key, value in over.items():
+        old = out.get(key)
+        sub = _section(schema, key)
+        shorthand = getattr(sub, "SHORTHAND", None) if typed else DEFAULT_SHORTHAND
+        scalar_value = value is not None and not isinstance(value, (dict, list))
+        scalar_old = old is not None and not isinstance(old, (dict, list))
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = deep_merge(old, value, sub, typed=typed)
+        elif isinstance(old, dict) and scalar_value and shorthand:
+            out[key] = {**old, shorthand: value}
+        elif scalar_old and isinstance(value, dict) and shorthand:
+            out[key] = deep_merge({shorthand: old}, value, sub, typed=typed)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -157,3 +206,28 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+def _load(path: Path, schema: type | None, chain: tuple[tuple[Path, Path], ...]) -> dict:
+    data = _read_yaml(path)
+    if BASE_KEY not in data:
+        return data
+    ref = data.pop(BASE_KEY)
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{path}: {BASE_KEY}: expected a path relative to this file, got {ref!r}")
+    base = Path(os.path.normpath(path.parent / ref))
+    chain = (*chain, (path.resolve(), path))
+    if base.resolve() in {resolved for resolved, _ in chain}:
+        names = " -> ".join(str(shown) for _, shown in chain)
+        raise ConfigError(f"{path}: {BASE_KEY}: inheritance cycle {names} -> {base}")
+    if not base.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY}: no such config file {base}")
+    return deep_merge(_load(base, schema, chain), data, schema)
+
+
+def load_yaml(path: str | Path, schema: type | None = None) -> dict:
+    """The top-level mapping of a YAML config, with ``base:`` inheritance resolved (see the module docstring).
+
+    ``schema``: the config dataclass, used only to find the sections' ``SHORTHAND`` fields while merging.
+    """
+    return _load(Path(path), schema, ())
