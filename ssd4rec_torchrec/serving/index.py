@@ -217,3 +217,68 @@ def recall_at_k(approx: ItemIndex, exact: ItemIndex, queries: Tensor | np.ndarra
 
 __all__ = ["INDEX_KINDS", "ExactIndex", "FaissFlatIndex", "FaissHNSWIndex", "FaissIVFIndex", "ItemIndex",
            "build_index", "recall_at_k"]
+
+
+def _queries(args) -> tuple[Tensor, Tensor]:
+    """(item vectors, query vectors): a bundle's items and its tower on random popularity-weighted histories,
+    or random Gaussian items and queries."""
+    gen = np.random.default_rng(args.seed)
+    if args.bundle:
+        from .bundle_io import load_serving_bundle
+
+        bundle = load_serving_bundle(args.bundle)
+        p = bundle.popularity + 1.0
+        lengths = gen.integers(1, bundle.max_history + 1, size=args.queries)
+        values = torch.from_numpy(gen.choice(bundle.num_items, size=int(lengths.sum()), p=p / p.sum()) + 1)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+        with torch.inference_mode():
+            return bundle.item_vectors, bundle.tower(values, offsets).float()
+    n, d = args.random
+    items = torch.from_numpy(gen.standard_normal((n, d)).astype(np.float32))
+    return items, torch.from_numpy(gen.standard_normal((args.queries, d)).astype(np.float32))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Recall@k of the approximate indexes against exact, and search time, on a bundle or random vectors."""
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="bundle directory: its items, queries from its tower")
+    src.add_argument("--random", type=int, nargs=2, metavar=("N", "D"), help="N random items of dimension D")
+    parser.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivf"], choices=INDEX_KINDS)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64, help="queries per search call")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    items, queries = _queries(args)
+
+    def timed_search(index: ItemIndex) -> tuple[np.ndarray, float]:
+        t0, found = time.perf_counter(), []
+        for lo in range(0, len(queries), args.batch):
+            found.append(index.search(queries[lo : lo + args.batch], args.k)[1])
+        return np.concatenate(found), (time.perf_counter() - t0) / len(queries)
+
+    t0 = time.perf_counter()
+    exact = ExactIndex(items)
+    truth, exact_s = timed_search(exact)
+    rows = [{"kind": "exact", "recall": 1.0, "build_s": round(time.perf_counter() - t0 - exact_s * len(queries), 3),
+             "ms_per_query": round(1000 * exact_s, 4)}]
+    for kind in args.kinds:
+        t0 = time.perf_counter()
+        index = build_index(kind, items)
+        build = time.perf_counter() - t0
+        found, per_query = timed_search(index)
+        hits = sum(len(set(a.tolist()) & set(e.tolist())) for a, e in zip(found, truth))
+        rows.append({"kind": kind, "recall": round(hits / truth.size, 4), "build_s": round(build, 3),
+                     "ms_per_query": round(1000 * per_query, 4)})
+    print(json.dumps({"num_items": items.shape[0], "d": items.shape[1], "queries": len(queries), "k": args.k,
+                      "batch": args.batch, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+
