@@ -137,8 +137,13 @@ class TrainSection:
     keep_checkpoints: int = 2
     max_steps_per_epoch: int | None = None
     num_threads: int | None = None  # torch intra-op threads per rank (None: cores / local ranks)
+    # stop once this many seconds of training steps (eval/checkpoint time excluded) have run, mid-epoch if
+    # need be, and validate there: equal-time comparisons across models (None: no budget)
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_users", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -4,7 +4,12 @@ A short, linear script over library calls (TorchRec's golden-training shape). Ou
 ``config.yaml`` (resolved), ``train.log``, ``tb/`` (TensorBoard), ``checkpoints/`` and ``metrics.json``::
 
     {"valid": {"filtered": {"NDCG@10": ...}, "unfiltered": {...}}, "test": {...}, "best_epoch": ...,
-     "train_seconds": ..., "popularity": {"test": {...}}, ...}
+     "train_seconds": ..., "popularity": {"test": {...}}, "valid_history": [...], "valid_timing": [...], ...}
+
+``valid_timing[i]`` (``epoch``, ``global_step``, ``train_seconds``, ``wall_seconds``) says when
+``valid_history[i]`` was measured; it is a separate list so that ``valid_history`` stays bit-identical
+between an uninterrupted run and a killed/resumed one. With ``train.time_budget_s`` the job stops once
+that many seconds of training steps have run (mid-epoch), validates there and sets ``stopped_by_budget``.
 """
 
 from __future__ import annotations
@@ -93,8 +98,20 @@ def _metric(valid: dict, cfg: TrainConfig) -> float:
     return float(valid[cfg.train.protocol][cfg.train.metric])
 
 
+def _budget_reached(seconds: float, budget: float | None) -> bool:
+    """Collective when a budget is set: True on every rank once any rank's training time reached it
+    (ranks time themselves, so the decision is all-reduced or they would stop at different steps)."""
+    if budget is None:
+        return False
+    flag = torch.tensor([int(seconds >= budget)], dtype=torch.int32)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run the whole job on this rank; returns the ``metrics.json`` content."""
+    job_start = time.perf_counter()
     ctx = init_distributed()
     for noisy in ("torchrec", "fbgemm_gpu"):  # per-step INFO chatter from the pipeline and planner
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -130,8 +147,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     steps_per_epoch = loader.steps_per_epoch()
 
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
-             "bad_evals": 0, "valid_history": [], "train_seconds": 0.0, "stopped_early": False,
-             "world_size": ctx.world_size}
+             "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,
+             "stopped_early": False, "stopped_by_budget": False, "world_size": ctx.world_size}
     latest = latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
         # restores model, sparse+dense optimizer state, early-stopping state, data position (epoch, step)
@@ -139,6 +156,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         state.update(load_checkpoint(latest, dmp, optimizer, rank=ctx.rank))
         log.info("resumed from %s (epoch %d, step %d)", latest, state["epoch"], state["step"])
         state["world_size"] = ctx.world_size
+    wall_offset = state["wall_seconds"]  # a resumed job continues the wall clock of the checkpoint it resumes
+    budget = cfg.train.time_budget_s
+
+    def wall() -> float:
+        return wall_offset + time.perf_counter() - job_start
 
     writer = None
     if ctx.is_main:
@@ -152,10 +174,39 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     every = cfg.train.checkpoint_every_steps
 
     def save(name: str = "") -> None:
+        state["wall_seconds"] = wall()
         save_checkpoint(ckpt_root, name or f"step-{state['global_step']}", dmp, optimizer, state, rank=ctx.rank,
                         keep=cfg.train.keep_checkpoints)
 
+    def validate(epoch: int) -> None:
+        """Validate, record history and timing, update best/early stopping (``epoch``: the one trained)."""
+        timing = {"epoch": epoch, "global_step": state["global_step"],
+                  "train_seconds": round(state["train_seconds"], 3), "wall_seconds": round(wall(), 3)}
+        valid = evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
+        value = _metric(valid, cfg)
+        state["valid_history"].append({"epoch": epoch, **{p: valid[p] for p in PROTOCOLS}})
+        state["valid_timing"].append(timing)
+        if writer is not None:
+            for p in PROTOCOLS:
+                for k in ("NDCG@10", "HR@10", "MRR@10"):
+                    writer.add_scalar(f"valid_{p}/{k}", valid[p][k], epoch)
+        log.info("epoch %d valid %s %s = %.4f (best %.4f)", epoch, cfg.train.protocol, cfg.train.metric, value,
+                 state["best_value"])
+        if value > state["best_value"]:
+            state.update(best_value=value, best_epoch=epoch, bad_evals=0, best_valid=valid)
+            save_checkpoint(ckpt_root, "best", dmp, None, state, rank=ctx.rank)
+        else:
+            state["bad_evals"] += 1
+            if state["bad_evals"] >= cfg.train.patience:
+                state["stopped_early"] = True
+                log.info("early stop after epoch %d (no improvement in %d validations)", epoch,
+                         cfg.train.patience)
+
     while state["epoch"] < cfg.train.epochs and not state["stopped_early"]:
+        # the budget may be spent already (resuming a run it stopped); resumed with a larger one, it trains on
+        state["stopped_by_budget"] = _budget_reached(state["train_seconds"], budget)
+        if state["stopped_by_budget"]:
+            break
         epoch = state["epoch"]
         dmp.train()
         tokens = [0]  # history tokens handed to the pipeline this epoch (it runs <= 2 batches ahead)
@@ -163,6 +214,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         bar = tqdm(total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch}", disable=not ctx.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)
+        out_of_time = False
         while True:
             t0 = time.perf_counter()
             try:
@@ -178,6 +230,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if writer is not None:
                 writer.add_scalar("train/loss", float(loss), state["global_step"])
             _maybe_fault(state["global_step"], ctx, run_dir)
+            if _budget_reached(state["train_seconds"] + epoch_seconds, budget):
+                out_of_time = True
+                break
             if every and state["step"] % every == 0 and state["step"] < steps_per_epoch:
                 state["train_seconds"] += epoch_seconds
                 epoch_seconds = 0.0
@@ -190,26 +245,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             writer.add_scalar("train/epoch_loss", loss_sum / max(loss_n, 1), epoch)
             writer.add_scalar("train/tokens_per_second", tok_s, epoch)
         log.info("epoch %d: loss %.4f, %.0f tokens/s", epoch, loss_sum / max(loss_n, 1), tok_s)
-        state["epoch"], state["step"] = epoch + 1, 0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            valid = evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
-            value = _metric(valid, cfg)
-            state["valid_history"].append({"epoch": epoch, **{p: valid[p] for p in PROTOCOLS}})
-            if writer is not None:
-                for p in PROTOCOLS:
-                    for k in ("NDCG@10", "HR@10", "MRR@10"):
-                        writer.add_scalar(f"valid_{p}/{k}", valid[p][k], epoch)
-            log.info("epoch %d valid %s %s = %.4f (best %.4f)", epoch, cfg.train.protocol, cfg.train.metric, value,
-                     state["best_value"])
-            if value > state["best_value"]:
-                state.update(best_value=value, best_epoch=epoch, bad_evals=0, best_valid=valid)
-                save_checkpoint(ckpt_root, "best", dmp, None, state, rank=ctx.rank)
-            else:
-                state["bad_evals"] += 1
-                if state["bad_evals"] >= cfg.train.patience:
-                    state["stopped_early"] = True
-                    log.info("early stop after epoch %d (no improvement in %d validations)", epoch,
-                             cfg.train.patience)
+        if out_of_time:
+            state["stopped_by_budget"] = True
+            log.info("time budget %.0f s reached at epoch %d step %d/%d (%.1f s of training steps)", budget, epoch,
+                     state["step"], steps_per_epoch, state["train_seconds"])
+        if not out_of_time or state["step"] >= steps_per_epoch:  # a complete epoch
+            state["epoch"], state["step"] = epoch + 1, 0
+        complete = state["step"] == 0
+        if out_of_time or (complete and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs)):
+            validate(epoch)  # a budget stop always validates, so the final state is evaluated (and can be best)
         save()
 
     best = ckpt_root / "best"
@@ -217,16 +261,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         load_checkpoint(best, dmp, None, rank=ctx.rank, restore_rng=False)
     valid = state.get("best_valid") or evaluate(dmp.module, split, "valid", cfg, ctx, n_items)
     test = evaluate(dmp.module, split, "test", cfg, ctx, n_items)
+    epochs_trained = state["epoch"] + state["step"] / max(steps_per_epoch, 1)  # fractional after a budget stop
     result = {
         "valid": valid,
         "test": test,
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
+        "epochs_trained": round(epochs_trained, 4),
         "stopped_early": state["stopped_early"],
+        "stopped_by_budget": state["stopped_by_budget"],
+        "time_budget_s": budget,
         "train_seconds": round(state["train_seconds"], 3),
-        "seconds_per_epoch": round(state["train_seconds"] / max(state["epoch"], 1), 3),
+        "wall_seconds": round(wall(), 3),
+        "seconds_per_epoch": round(state["train_seconds"] / (epochs_trained or 1), 3),
         "popularity": {"test": popularity_baseline(split, "test", ctx, n_items)},
         "valid_history": state["valid_history"],
+        "valid_timing": state["valid_timing"],
         "world_size": ctx.world_size,
         "dataset": {"name": cfg.data.dataset, **{k: ds.stats[k] for k in ("users", "items", "interactions")}},
         "model_parameters": sum(p.numel() for n, p in dmp.module.named_parameters() if not n.startswith("ec.")),
