@@ -175,7 +175,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """YAML file (or defaults when ``path`` is None) + ``key=value`` overrides -> validated config."""
-    data = load_yaml(path) if path is not None else {}
+    data = load_yaml(path, schema=TrainConfig) if path is not None else {}
     data = apply_overrides(data, overrides)
     try:
         return from_dict(TrainConfig, data)

@@ -81,9 +81,12 @@ SPARSE_OPTIMIZERS = {
 def build_dmp(model: torch.nn.Module, train: TrainSection, ctx: DistContext,
               pg: dist.ProcessGroup | None = None) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Shard ``model.ec`` by ``train.sharding`` with the TorchRec planner and build the optimizers."""
-    if train.sparse_optimizer == "adam" and ctx.device.type == "cpu" and train.sharding != "data_parallel":
-        raise ValueError("train.sparse_optimizer=adam runs on CPU only with train.sharding=data_parallel "
-                         "(fused Adam is GPU-only); use rowwise_adagrad, adagrad or sgd")
+    if ctx.device.type == "cpu" and train.sharding == "data_parallel":
+        raise ValueError("train.sharding=data_parallel does not work on CPU: FBGEMM's CPU dense embedding kernel "
+                         "returns pooled rows for a sequence table (pytorch/FBGEMM#4586); use row_wise or table_wise")
+    if train.sparse_optimizer == "adam" and ctx.device.type == "cpu":
+        raise ValueError("train.sparse_optimizer=adam needs a GPU (TorchRec's fused Adam for sharded tables is "
+                         "GPU-only); on CPU use rowwise_adagrad, adagrad or sgd")
     opt_cls, extra = SPARSE_OPTIMIZERS[train.sparse_optimizer]
     _apply_optimizer_in_backward(opt_cls, model.ec.parameters(), {"lr": train.sparse_lr, **extra})
     sharders = [EmbeddingCollectionSharder()]

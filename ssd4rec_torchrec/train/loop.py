@@ -14,6 +14,7 @@ that many seconds of training steps have run (mid-epoch), validates there and se
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -145,6 +146,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
                          sampler=sampler)
     steps_per_epoch = loader.steps_per_epoch()
+    if cfg.train.max_steps_per_epoch:  # a shorter epoch (smoke tests, timing a huge config)
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
 
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
              "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,
@@ -210,7 +213,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         epoch = state["epoch"]
         dmp.train()
         tokens = [0]  # history tokens handed to the pipeline this epoch (it runs <= 2 batches ahead)
-        batches = _count_tokens(loader.epoch(epoch, state["step"]), tokens)
+        batches = _count_tokens(itertools.islice(loader.epoch(epoch, state["step"]),
+                                                 max(steps_per_epoch - state["step"], 0)), tokens)
         bar = tqdm(total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch}", disable=not ctx.is_main,
                    dynamic_ncols=True, mininterval=1.0)
         epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)

@@ -91,7 +91,7 @@ def test_ml1m_paper_has_the_official_settings():
     assert (o.name, o.prefixes_per_user, o.corruption, o.max_history) == ("prefix", "all", 0.1, None)
     assert cfg.loss.name == "full"
     assert (t.lr, t.weight_decay, t.sparse_optimizer, t.sparse_lr) == (1e-3, 0.0, "adam", 1e-3)
-    assert t.batch_size * 2 == 1024 and t.sharding == "data_parallel"  # 512 per rank x 2 ranks
+    assert t.batch_size * 2 == 1024 and t.sharding == "row_wise"  # 512 per rank x 2 ranks
     assert (t.epochs, t.patience, t.eval_every, t.metric, t.protocol) == (300, 10, 1, "NDCG@10", "unfiltered")
     assert cfg.seed == 2024 and cfg.data.dataset == "ml-1m" and (cfg.data.user_k, cfg.data.item_k) == (5, 5)
 

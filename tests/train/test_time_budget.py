@@ -68,3 +68,15 @@ def test_resuming_a_budget_stopped_run_trains_no_further(budget_run):
     for k in ("valid_history", "valid_timing", "train_seconds", "epochs_trained", "stopped_by_budget", "best_epoch",
               "test"):
         assert after[k] == before[k], k
+
+
+def test_max_steps_per_epoch_shortens_every_epoch(tmp_path):
+    run = tmp_path / "short"
+    args = [a for a in SMALL if not a.startswith(("train.time_budget_s", "train.epochs"))]
+    out = subprocess.run([sys.executable, "apps/train.py", "--config", "configs/tiny.yaml", "--run-dir", str(run),
+                          *args, "train.epochs=2", "train.max_steps_per_epoch=2"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert [t["global_step"] for t in m["valid_timing"]] == [2, 4]
+    assert m["epochs_trained"] == 2
