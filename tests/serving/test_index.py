@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ssd4rec_torchrec.eval.metrics import block_topk
 from ssd4rec_torchrec.serving.bundle_io import BundleError, load_serving_bundle
 from ssd4rec_torchrec.serving.index import ExactIndex, build_index, recall_at_k
 
@@ -44,6 +45,22 @@ def test_exact_equals_brute_force(data, chunk) -> None:
         np.testing.assert_allclose(scores, want_s, rtol=1e-12, atol=1e-12)
         for b, row in enumerate(got):
             assert not set(row.tolist()) & (excl or [set()] * len(users))[b]
+
+
+@pytest.mark.parametrize("chunk", [None, 97])
+def test_exact_equals_evaluator_block_topk(chunk) -> None:
+    """Same items and bit-identical scores as the offline evaluator's top-k, ties (duplicated rows) included."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(-3, 4, size=(120, 8)).astype(np.float32) / 4  # small-integer vectors: many exact ties
+    items = torch.from_numpy(np.concatenate([base, base[:60]]))
+    users = torch.from_numpy(rng.integers(-3, 4, size=(40, 8)).astype(np.float32) / 4)
+    exclude = [set(rng.integers(1, 181, size=rng.integers(0, 20)).tolist()) for _ in range(40)]
+    hv = torch.tensor([i for e in exclude for i in sorted(e)], dtype=torch.long)
+    ho = torch.tensor([0, *np.cumsum([len(e) for e in exclude])], dtype=torch.long)
+    want_s, want_c = block_topk(users, items, 15, history_values=hv, history_offsets=ho)
+    got_s, got_i = ExactIndex(items, chunk_items=chunk).search(users, 15, exclude)
+    np.testing.assert_array_equal(got_i, want_c.numpy() + 1)
+    np.testing.assert_array_equal(got_s, want_s.numpy())
 
 
 def test_exact_ties_by_index_and_short_rows() -> None:
