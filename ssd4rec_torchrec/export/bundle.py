@@ -97,10 +97,14 @@ def load_item_table(root: str | Path, dtype: str = "fp32") -> tuple[torch.Tensor
 def _load_tower(root: Path, manifest: dict[str, Any], kind: str) -> tuple[Callable[..., torch.Tensor], str]:
     aoti = manifest.get("user_tower", {}).get("aoti", {})
     if kind in ("auto", "aoti") and aoti.get("present"):
+        import torch._inductor  # not imported by `import torch`
+
         runner = torch._inductor.aoti_load_package(str(root / TOWER_AOTI))
         return runner, "aoti"
     if kind == "aoti":
         raise BundleError(f"{root}: no AOTInductor package in this bundle ({aoti.get('reason', 'not built')})")
+    import torch.export
+
     return torch.export.load(str(root / TOWER)).module(), "exported"
 
 
