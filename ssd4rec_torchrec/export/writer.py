@@ -226,9 +226,9 @@ def _finish_on_rank0(cfg: TrainConfig, dmp, ds, split, tmp: Path, table: np.memm
         ids = ids.astype(str)
     np.save(tmp / ITEM_IDS, ids, allow_pickle=False)
     counts = np.bincount(np.asarray(split.train_items, dtype=np.int64), minlength=n + 2)[1:n + 1].astype(np.float64)
-    from safetensors.numpy import save_file
-
-    save_file({"counts": counts}, str(tmp / POPULARITY), metadata={"what": "training interaction counts"})
+    pop = SafetensorsWriter(tmp / POPULARITY, {"counts": ("F64", (n,))}, metadata={"what": "training interactions"})
+    pop.write_rows("counts", 0, counts)
+    pop.close()
     log.info("item tables written in %.1f s", time.perf_counter() - t0)
 
     encoder = model.encoder
@@ -378,7 +378,8 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
     finally:
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote bundle %s", out)
+    if ctx.is_main:
+        log.info("wrote bundle %s", out)
     return manifest
 
 

@@ -269,3 +269,17 @@ def test_exported_tower_variants(variant):
         ref = _eager_readout(enc, table, values, offsets, n, True, l2)
         with torch.no_grad():
             assert float((program(values, offsets) - ref).abs().max()) <= TOL
+
+
+@pytest.mark.slow
+def test_two_rank_export_equals_one_rank(run_dir, bundle, tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "b2"
+    res = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "apps/export.py", "--run-dir",
+                          str(run_dir), "--out", str(out), "--no-aoti", "--dtypes", "fp32"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = load_bundle(bundle, tower="exported"), load_bundle(out)
+    assert torch.equal(one.item_vectors, two.item_vectors)  # each rank wrote its own shard of the table
+    histories = [[1, 2, 3], [4] * 60, [7]]
+    assert torch.equal(one.encode(histories), two.encode(histories))
