@@ -1,7 +1,11 @@
 # ruff: noqa: E402  (tune_malloc() must run before the imports below pull in torch)
 """Benchmarks: `python apps/bench.py SUITE [options]` prints a table and writes JSON (+ PNG) to --out.
 
-Suites: data (prepare 50M synthetic interactions), encoder (Bi-SSD encoder tokens/s vs length).
+Suites: data (prepare 50M synthetic interactions), encoder (Bi-SSD encoder tokens/s vs length;
+--compare-sasrec: Bi-SSD vs SASRec over segment length, written as encoder_vs_sasrec.json), packing (packed
+varlen vs padded batches on ML-1M), mfu (model FLOP utilisation vs a measured GEMM peak), objective (tokens and
+seconds per ML-1M epoch per training objective), train (end-to-end tokens/s of the ML-1M job, 1 and 2 ranks).
+Every suite has --quick (tiny sizes, for smoke tests).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from pathlib import Path
 SUITES = {
     "data": "ssd4rec_torchrec.bench.data",
     "encoder": "ssd4rec_torchrec.bench.encoder",
+    "packing": "ssd4rec_torchrec.bench.packing",
+    "mfu": "ssd4rec_torchrec.bench.mfu",
+    "objective": "ssd4rec_torchrec.bench.objective",
+    "train": "ssd4rec_torchrec.bench.train_e2e",
 }
 
 
@@ -51,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
+    stem = str(result.pop("output_name", args.suite))  # a suite mode may name its own files
     result = {"suite": args.suite, "host": platform.node(), "python": platform.python_version(),
               "unix_time": int(time.time()), **result}
-    path = out / f"{args.suite}.json"
+    path = out / f"{stem}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if hasattr(module, "plot"):
-        module.plot(result, out / f"{args.suite}.png")
+        module.plot(result, out / f"{stem}.png")
     print(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}", file=sys.stderr)
     return 0
