@@ -78,9 +78,9 @@ def _points(enc: torch.nn.Module, lengths: np.ndarray, d_model: int) -> tuple[Po
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time packed vs padded steps on the first batches of a shuffled epoch; exact epoch waste."""
+    from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.bench.mfu import bissd_flops_per_token
     from ssd4rec_torchrec.config import to_dict
-    from ssd4rec_torchrec.data import prepare
     from ssd4rec_torchrec.model import build_encoder
     from ssd4rec_torchrec.train.config import load_train_config
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_train_config(args.config)
     if cfg.data.dataset == "synthetic":
         raise ValueError("the packing suite needs a real dataset's lengths (config data.dataset)")
-    split = prepare(cfg.data.dataset).leave_one_out()
+    split = load_dataset(cfg).leave_one_out()
     lengths = np.minimum(np.diff(split.train_offsets), max_hist)
     order = np.random.default_rng(args.seed).permutation(len(lengths))
     lengths = lengths[order]
