@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_hist = args.max_history or preset["max_history"]
     cfg = load_train_config(args.config)
     if cfg.data.dataset == "synthetic":
-        raise ValueError("the packing suite needs a real dataset's lengths (config data.dataset)")
+        log.warning("%s uses a synthetic dataset: its length distribution is not a real one", args.config)
     split = load_dataset(cfg).leave_one_out()
     lengths = np.minimum(np.diff(split.train_offsets), max_hist)
     order = np.random.default_rng(args.seed).permutation(len(lengths))
