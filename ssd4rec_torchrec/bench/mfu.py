@@ -23,7 +23,8 @@ one matmul for each input's gradient and one for each weight's).
 The measured step is the `encoder` suite's (official sizes by default, realistic packed length mix). With
 `--bf16` the forward runs under CPU bf16 autocast (the mixer keeps conv/scan/norm in fp32 by design) and
 the bf16 GEMM peak is measured too; MFU is still quoted against the fp32 peak (the issue's definition), with
-the bf16-peak ratio alongside. `--profile` writes a `torch.profiler` table of the top ops by self CPU time.
+the bf16-peak ratio alongside, and the relative error of the bf16 output vs fp32 (eval mode) as a numeric
+parity check. `--profile` writes a `torch.profiler` table of the top ops by self CPU time.
 """
 
 from __future__ import annotations
@@ -146,6 +147,21 @@ def train_step(p: Point, bf16: bool) -> float:
     return time.perf_counter() - t0
 
 
+def bf16_output_error(p: Point) -> float:
+    """Relative L2 error of the encoder's output under bf16 autocast vs fp32 (eval mode, same input).
+
+    A numeric parity check only; whether bf16 keeps ranking quality is a training run's question.
+    """
+    was_training = p.enc.training
+    p.enc.eval()
+    with torch.no_grad():
+        ref = p.enc(p.x, p.offsets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = p.enc(p.x, p.offsets).float()
+    p.enc.train(was_training)
+    return float((low - ref).norm() / ref.norm())
+
+
 def _profile(p: Point, bf16: bool, path: Path, rows: int = 30) -> list[dict[str, Any]]:
     """Profile one step; write the op table (self CPU time) to `path`; return the top ops as dicts."""
     from torch.profiler import ProfilerActivity, profile
@@ -195,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if bf16_peak is not None:
             row["mfu_vs_bf16_peak"] = achieved / bf16_peak["flops_per_s"]
+            row["bf16_output_rel_error"] = bf16_output_error(p)
+            log.info("d=%d: bf16 autocast output rel. error vs fp32 %.2e", p.d_model, row["bf16_output_rel_error"])
         if args.profile:
             path = Path(args.out) / f"mfu_profile_d{p.d_model}{'_bf16' if args.bf16 else ''}.txt"
             row["profile_file"] = str(path)

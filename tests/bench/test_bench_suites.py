@@ -85,7 +85,7 @@ def test_parse_train_log() -> None:
 QUICK_RUNS = {
     "compare": ("encoder", "--compare-sasrec", "--quick"),
     "encoder": ("encoder", "--quick", "--totals", "512", "1024"),
-    "mfu": ("mfu", "--quick", "--profile"),
+    "mfu": ("mfu", "--quick", "--profile", "--bf16"),
     # configs/tiny.yaml (synthetic, generated if absent) keeps the smoke tests off the ML-1M download
     "packing": ("packing", "--quick", "--config", "configs/tiny.yaml"),
     "objective": ("objective", "--quick", "--config", "configs/tiny.yaml", "--steps", "1"),
@@ -153,13 +153,15 @@ def test_encoder_default_mode_unchanged_quick(runs: _Runs) -> None:
     assert res["cost_ratio"]["64"]["linear_would_be"] == 2.0 and "mode" not in res
 
 
-def test_mfu_quick_with_profile(runs: _Runs) -> None:
+def test_mfu_quick_with_profile_bf16(runs: _Runs) -> None:
     res = _load(runs.out("mfu"), "mfu")
     assert res["gemm_peak"]["flops_per_s"] > 0
     (row,) = res["rows"]
     assert row["d_model"] == 32 and row["mfu"] > 0 and row["tokens_per_s"] > 0
     assert row["train_flops_per_token"] == bissd_flops_per_token(32)["train_step"]
     assert Path(row["profile_file"]).read_text().count("aten::") > 3
+    assert res["bf16_autocast"] and res["gemm_peak_bf16"]["flops_per_s"] > 0
+    assert 0 <= row["bf16_output_rel_error"] < 0.05
     assert res["target"]["target"] == 0.4 and res["target"]["met"] in (True, False)
 
 
