@@ -92,6 +92,9 @@ class BiSSDLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
         """`rev_index`: precomputed `reverse_segments_index(offsets)` (the encoder shares it across layers)."""
+        if self.beta == 0:  # forward only: a causal layer, and the backward scan is not computed at all
+            h = self.dropout(self.LayerNorm(self.forward_ssd(x, offsets) + x))
+            return self.ffn(h)
         fwd, bwd = self.directions(x, offsets, rev_index)
         h = self.dropout(self.LayerNorm(fwd + self.beta * bwd + x))
         return self.ffn(h)

@@ -165,9 +165,11 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        if self.objective.name == "next" and self.model.name != "sasrec":
+        causal = self.model.name == "sasrec" or (self.model.name == "ssd4rec" and self.model.beta == 0)
+        if self.objective.name == "next" and not causal:
             raise ValueError(f"objective 'next' trains every position on its successor and needs a causal "
-                             f"encoder (model.name: sasrec), got model.name={self.model.name!r}")
+                             f"encoder (model.name: sasrec, or ssd4rec with model.beta: 0), got "
+                             f"model.name={self.model.name!r}, model.beta={self.model.beta}")
 
     def to_dict(self) -> dict:
         return to_dict(self)

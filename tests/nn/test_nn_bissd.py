@@ -106,3 +106,24 @@ def test_fused_and_sequential_directions_agree() -> None:
         sequential = layer.directions(x, offsets)
     for a, b in zip(fused, sequential, strict=True):
         assert (a - b).abs().max() <= 1e-6
+
+
+def test_beta_zero_is_forward_only_and_causal() -> None:
+    """beta = 0 skips the backward scan: same output as F + 0 * R' + x, and position t never sees t+1.."""
+    torch.manual_seed(3)
+    layer = BiSSDLayer(16, beta=0.0, dropout=0.0, **SMALL).eval()
+    offsets = offsets_from_lengths([9, 30])
+    x = torch.randn(39, 16)
+    with torch.no_grad():
+        f, r = layer.directions(x, offsets)
+        h = nn.functional.layer_norm(f + 0.0 * r + x, (16,), layer.LayerNorm.weight, layer.LayerNorm.bias, 1e-12)
+        want = layer.ffn(h)
+        torch.testing.assert_close(layer(x, offsets), want, rtol=1e-6, atol=1e-6)
+        full = layer(x, offsets)
+        for cut in (1, 5, 17, 30):  # the second segment truncated after `cut` tokens: outputs before it unchanged
+            short = layer(x[: 9 + cut], offsets_from_lengths([9, cut]))
+            torch.testing.assert_close(short, full[: 9 + cut], rtol=1e-5, atol=1e-5)
+        bidirectional = BiSSDLayer(16, beta=0.1, dropout=0.0, **SMALL).eval()
+        bidirectional.load_state_dict(layer.state_dict())
+        short = bidirectional(x[:14], offsets_from_lengths([9, 5]))
+        assert (short[9:] - bidirectional(x, offsets)[9:14]).abs().max() > 1e-4  # beta > 0 does see the future

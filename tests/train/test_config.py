@@ -68,3 +68,13 @@ def test_train_cli_rejects_bad_config_in_one_line(tmp_path):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     load_train_config(path)
+
+
+def test_next_objective_needs_a_causal_encoder():
+    from ssd4rec_torchrec.config import ConfigError
+    from ssd4rec_torchrec.train.config import load_train_config
+
+    cfg = load_train_config("configs/ml1m.yaml", ["objective.name=next", "model.beta=0"])
+    assert cfg.objective.name == "next" and cfg.model.beta == 0  # forward-only SSD4Rec is causal
+    with pytest.raises(ConfigError, match="needs a causal encoder"):
+        load_train_config("configs/ml1m.yaml", ["objective.name=next"])
