@@ -13,7 +13,6 @@ Every file listed in the manifest is checked against its size and sha256 before 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..export.bundle import BundleError, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -32,10 +33,6 @@ REQUIRED_KEYS = ("format_version", "num_items", "d_model", "max_history", "files
 TOWER_FILE = "user_tower.pt2"
 IDS_FILE = "item_ids.npy"
 POPULARITY_FILE = "popularity.safetensors"
-
-
-class BundleError(ValueError):
-    """A bundle that is missing, inconsistent or corrupted."""
 
 
 @dataclass
@@ -64,11 +61,7 @@ class ServingBundle:
 
 def file_entry(path: Path) -> dict[str, Any]:
     """``{"sha256", "bytes"}`` of a file, as listed in the manifest."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def verify_files(root: Path, files: dict[str, Any], needed: list[str]) -> None:
