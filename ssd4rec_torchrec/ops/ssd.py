@@ -49,6 +49,10 @@ _SCAN_BLOCK = 16
 # Upper bound on each (…, Q, Q) work buffer of the intra-chunk term (forward and backward run over blocks
 # of chunks that fit; at least one chunk per block).
 _BLOCK_BYTES = 8 * 2**20
+# Chunks whose log-decays stay within ±this of their midpoint (per head) use the factored intra-chunk form
+# (`_intra_chunk_factored`): e^60 ≈ 1e26 leaves ~1e12 of fp32 headroom for the matmul's partial sums.
+# 0 disables it (every chunk then uses the exact per-head decay matrices).
+_FACTORED_MAX_LOG = 60.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -262,6 +266,101 @@ def _segment_scan(
     return h.transpose(1, 2).reshape(nb * block, H, Fdim)[:L]
 
 
+class _SegmentCumsum(torch.autograd.Function):
+    """float64 running sum of `a` along the chunk that restarts in every segment: `cs_k = Σ a_m` over
+    `start(k) < m <= k` (the first token of a segment, and of the chunk, contributes nothing: its decay
+    never enters a same-segment pair inside the chunk). Differences `cs_i - cs_j` of same-segment pairs
+    are the usual segment sums.
+
+    The backward is the segment-restricted reverse sum `da_m = Σ_{k >= m, same segment} dcs_k` (0 at
+    starts), written so that a segment whose `dcs` are all zero passes exactly zero to every other one:
+    per-token factoring must not leak rounding noise across sequences.
+    a (n, ..., Q); starts (n, Q) bool (segment starts, and position 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        Q = a.shape[-1]
+        n = starts.shape[0]
+        view = (n,) + (1,) * (a.dim() - 2) + (Q,)
+        keep = (~starts).view(view)
+        pos = torch.arange(Q, device=a.device)
+        start_of = torch.where(starts, pos, 0).cummax(-1).values  # (n, Q) index of the token's segment start
+        later = torch.where(starts, pos, Q)  # next start strictly after k: suffix min from k + 1
+        next_start = F.pad(later.flip(-1).cummin(-1).values.flip(-1)[:, 1:], (0, 1), value=Q)
+        cs = (a.double() * keep).cumsum(-1)
+        cs = cs - cs.gather(-1, start_of.view(view).expand(cs.shape))
+        ctx.save_for_backward(keep, next_start)
+        ctx.a_dtype = a.dtype
+        return cs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dcs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        keep, next_start = ctx.saved_tensors
+        suffix = F.pad(dcs.flip(-1).cumsum(-1).flip(-1), (0, 1))  # suffix[k] = Σ_{m >= k} dcs_m; suffix[Q] = 0
+        view = next_start.shape[:1] + (1,) * (dcs.dim() - 2) + next_start.shape[1:]
+        tail = suffix.gather(-1, next_start.view(view).expand(dcs.shape))
+        return ((suffix[..., :-1] - tail) * keep).to(ctx.a_dtype), None
+
+
+def _intra_chunk_factored(
+    a: torch.Tensor, CB: torch.Tensor, xdt: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
+) -> torch.Tensor:
+    """Intra-chunk term with the decay matrix factored per token: `exp(cs_i - cs_j) = f_i · g_j`.
+
+    `f = exp(cs - r)` and `g = exp(r - cs)` with `cs` the segment-restarting running sum of the log-decays
+    and `r` the middle of its range (per chunk and head), both exponentiated in float64 and rounded once to
+    fp32 (relative error eps/2 each, whatever |cs - r| is). Then `Y_h = f_h ∘ ((same ∘ CB) @ (g_h ∘ U_h))`:
+    the only (Q, Q) tensor is `same ∘ CB`, once per group, and the R heads of a group share one
+    (Q, Q) @ (Q, R·P) matmul, instead of an exp/mask/multiply over a (Q, Q) decay matrix per head. Callers
+    guarantee `|cs - r| <= _FACTORED_MAX_LOG` (no overflow, with headroom for the sums).
+    Shapes: a (n, G, R, Q), CB (n, G, Q, Q), xdt (n, G, R, Q, P), same (n, Q, Q) bool, segc (n, Q) segment
+    ids -> (n, G, R, Q, P). Every saved tensor is O(T·H·P) or O(T·Q·G).
+    """
+    n, G, R, Q, P = xdt.shape
+    starts = F.pad(segc[:, 1:] != segc[:, :-1], (1, 0), value=True)
+    cs = _SegmentCumsum.apply(a, starts)
+    ref = ((cs.amax(-1, keepdim=True) + cs.amin(-1, keepdim=True)) / 2).detach()
+    f = torch.exp(cs - ref).to(a.dtype)
+    g = torch.exp(ref - cs).to(a.dtype)
+    M = CB.masked_fill(~same.unsqueeze(1), 0.0)  # (n, G, Q, Q)
+    v = (xdt * g.unsqueeze(-1)).transpose(2, 3).reshape(n, G, Q, R * P)
+    w = torch.matmul(M, v).view(n, G, Q, R, P).transpose(2, 3)  # (n, G, R, Q, P)
+    return w * f.unsqueeze(-1)
+
+
+def _intra_chunk(
+    a: torch.Tensor, CB: torch.Tensor, xdt: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
+) -> torch.Tensor:
+    """`Y = (L ∘ CB) @ xdt` per chunk and head (L the masked decay matrix): the factored form for chunks
+    whose decay range allows it (the usual case), the exact per-head decay matrices for the others."""
+    nc = a.shape[0]
+    if _FACTORED_MAX_LOG <= 0 or a.numel() == 0:
+        factored = torch.zeros(nc, dtype=torch.bool, device=a.device)
+    else:
+        with torch.no_grad():
+            span = a.double().abs().sum(-1)  # >= max - min of the running sum over the chunk
+            factored = (span <= 2 * _FACTORED_MAX_LOG).flatten(1).all(1)  # (nc,)
+
+    def exact(idx: torch.Tensor | None) -> torch.Tensor:
+        sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+        return _DecayMatmul.apply(sel(a), sel(CB).unsqueeze(2), sel(xdt), sel(same)[:, None, None])
+
+    n_fact = int(factored.sum())
+    if n_fact == nc:
+        return _intra_chunk_factored(a, CB, xdt, same, segc)
+    if n_fact == 0:
+        return exact(None)
+    idx_f = factored.nonzero().squeeze(1)
+    idx_e = (~factored).nonzero().squeeze(1)
+    y_f = _intra_chunk_factored(*(t.index_select(0, idx_f) for t in (a, CB, xdt, same, segc)))
+    y = torch.cat([y_f, exact(idx_e)])
+    inverse = torch.empty_like(factored, dtype=torch.long)
+    inverse[torch.cat([idx_f, idx_e])] = torch.arange(nc, device=a.device)
+    return y.index_select(0, inverse)
+
+
 def _ssd_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -298,8 +397,8 @@ def _ssd_scan_torch(
     # 1) Intra-chunk (quadratic) term.
     tri = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     same = tri & (segc[:, :, None] == segc[:, None, :])  # (nc, Q, Q)
-    CB = torch.matmul(Cg, Bg.transpose(-1, -2)).unsqueeze(2)  # (nc, G, 1, Q, Q), shared by a group's heads
-    y = _DecayMatmul.apply(a, CB, xdt, same[:, None, None]).permute(0, 3, 1, 2, 4)  # (nc, Q, G, R, P)
+    CB = torch.matmul(Cg, Bg.transpose(-1, -2))  # (nc, G, Q, Q), shared by a group's heads
+    y = _intra_chunk(a, CB, xdt, same, segc).permute(0, 3, 1, 2, 4)  # (nc, Q, G, R, P)
 
     if nc > 1:
         # 2) State at the end of each chunk from its own tokens, only those of the chunk's last segment.
