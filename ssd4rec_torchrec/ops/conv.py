@@ -2,8 +2,9 @@
 
 `y_t = bias + Σ_{k=0}^{W-1} weight[:, W-1-k] * x_{t-k}` where only tokens `x_{t-k}` of the same segment
 as t count (the causal-conv1d convention: `weight[:, -1]` multiplies the current token). The torch path
-sums W shifted copies of x, each masked by the token's position inside its segment, so tokens of
-different segments are never mixed. On CUDA the `causal_conv1d` package is used when installed.
+puts W-1 zero rows before every segment and sums W shifted slices of that buffer in place (a custom
+autograd Function, SiLU fused), so tokens of different segments are never mixed. On CUDA the
+`causal_conv1d` package is used when installed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
@@ -60,20 +62,50 @@ def _cuda_kernel_unusable_reason(x: torch.Tensor, weight: torch.Tensor) -> str |
     return None
 
 
-def _conv_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pos: torch.Tensor
-) -> torch.Tensor:
-    """Sum of W shifted, segment-masked copies of x (pos: position of each token inside its segment)."""
-    T = x.shape[0]
-    W = weight.shape[1]
-    y = x * weight[:, W - 1]
-    for k in range(1, min(W, T)):
-        shifted = F.pad(x[: T - k], (0, 0, k, 0))  # shifted[t] = x[t-k] (0 for t < k)
-        keep = (pos >= k).unsqueeze(-1)  # x[t-k] is in t's segment iff t is at least k tokens into it
-        y = y + torch.where(keep, shifted, torch.zeros_like(shifted)) * weight[:, W - 1 - k]
-    if bias is not None:
-        y = y + bias
-    return y
+class _VarlenConv(torch.autograd.Function):
+    """Segment-resetting causal depthwise conv (+ optional SiLU) with a hand-written backward.
+
+    Every segment is preceded by W-1 zero rows in one padded (T + S·(W-1), C) buffer, so each tap is a
+    plain shifted slice (no per-tap mask or `where`), and the W taps are accumulated in place
+    (`addcmul_`) into one output buffer; backward does the same in the transposed direction. About half
+    the full-size passes of autograd over masked shifted copies. Saves the padded input and the
+    pre-activation (recomputing the SiLU derivative from it).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+                padded_len: int, silu: bool) -> torch.Tensor:
+        W = weight.shape[1]
+        xp = x.new_zeros(padded_len, x.shape[1])
+        xp.index_copy_(0, rows, x)
+        y = torch.mul(xp[W - 1:], weight[:, W - 1])  # output row o <-> padded input row o + W - 1
+        for k in range(1, W):
+            y.addcmul_(xp[W - 1 - k: padded_len - k], weight[:, W - 1 - k])
+        if bias is not None:
+            y.add_(bias)
+        pre = y.index_select(0, rows - (W - 1))
+        ctx.save_for_backward(xp, weight, rows, pre)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(pre) if silu else pre
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xp, weight, rows, pre = ctx.saved_tensors
+        W = weight.shape[1]
+        padded_len = xp.shape[0]
+        if ctx.silu:  # silu'(p) = s (1 + p (1 - s)), s = sigmoid(p)
+            s = torch.sigmoid(pre)
+            grad = s.mul_(pre * (1 - s) + 1).mul_(grad)
+        dy = xp.new_zeros(padded_len - W + 1, xp.shape[1])
+        dy.index_copy_(0, rows - (W - 1), grad)
+        dxp = torch.zeros_like(xp)
+        dweight = torch.empty_like(weight)
+        for k in range(W):
+            dxp[W - 1 - k: padded_len - k].addcmul_(dy, weight[:, W - 1 - k])
+            dweight[:, W - 1 - k] = torch.linalg.vecdot(dy, xp[W - 1 - k: padded_len - k], dim=0)
+        dbias = grad.sum(0) if ctx.has_bias else None
+        return dxp.index_select(0, rows), dweight, dbias, None, None, None
 
 
 def varlen_causal_conv1d(
@@ -130,8 +162,9 @@ def varlen_causal_conv1d(
             logger.debug("varlen_causal_conv1d: falling back to torch (%s)", reason)
 
     cdtype = torch.promote_types(x.dtype, torch.float32)
-    pos = torch.arange(T, device=x.device, dtype=torch.int64) - offsets[seg]
-    y = _conv_torch(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), pos)
-    if activation is not None:
-        y = F.silu(y)
+    W = weight.shape[1]
+    rows = torch.arange(T, device=x.device, dtype=torch.int64) + (W - 1) * (seg + 1)  # in the padded buffer
+    padded_len = T + (W - 1) * (offsets.numel() - 1)
+    y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), rows,
+                          padded_len, activation is not None)
     return y.to(x.dtype)
