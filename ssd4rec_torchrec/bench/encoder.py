@@ -16,6 +16,9 @@ attention dropout 0 by default, so that `scaled_dot_product_attention` takes its
 fitted exponent k (time ∝ L^k, least squares on log-log) is 1 for a linear encoder and tends to 2 for
 attention. Reported: tokens/s, RSS peak delta and autograd-saved activation bytes per point, k per model,
 the Bi-SSD speed-up over SASRec at L=4096 and the issue's targets (speed-up >= 3, k <= 1.1) with margins.
+A third model, `bissd_noscan`, is the same Bi-SSD encoder with the SSD scan replaced by its D skip (`y = D x`,
+everything else - projections, conv, norms, FFN, both directions - kept) at the ratio length: its speed-up
+over SASRec is the ceiling any scan implementation could reach on this machine (`scan_free_speedup`).
 
 CPU notes. Lengths are timed in interleaved rounds and wall, best and CPU times are all kept, because other
 processes on a shared machine disturb single runs a lot. glibc serves large tensors with fresh mmaps that are
@@ -27,12 +30,14 @@ team's VM. The result records any `MALLOC_*` variables and the load average.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ import torch
 
 from ssd4rec_torchrec.bench.common import SavedBytes, fit_power_law, target_verdict
 from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig, SASRecEncoder
+from ssd4rec_torchrec.nn import mixer as mixer_module
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +211,34 @@ def make_point(
     return Point(d_model, total, lengths, enc, x, offsets.to(device))
 
 
+@contextlib.contextmanager
+def _scan_free(enabled: bool) -> Iterator[None]:
+    """While enabled, every SSD mixer's scan is only its D skip (`y = D x`): the scan-free floor."""
+    if not enabled:
+        yield
+        return
+    real = mixer_module.ssd_scan
+
+    def skip_only(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                  offsets: torch.Tensor, *, D: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        # Keep dt, A, B, C in the graph (zero-weighted) so their producers still get a backward pass.
+        keep = (dt.sum() + A.sum() + B.sum() + C.sum()) * 0
+        return x * (D.view(1, -1, 1) if D is not None and D.dim() == 1 else (1.0 if D is None else D)) + keep
+
+    mixer_module.ssd_scan = skip_only
+    try:
+        yield
+    finally:
+        mixer_module.ssd_scan = real
+
+
 def step(p: Point) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one forward+backward step."""
+    with _scan_free(p.model == "bissd_noscan"):
+        return _step(p)
+
+
+def _step(p: Point) -> tuple[float, float]:
     p.enc.zero_grad(set_to_none=True)
     p.x.grad = None
     _sync(p.x.device)
@@ -415,7 +447,7 @@ def make_compare_point(model: str, d_model: int, length: int, tokens: int, args:
     """`tokens // length` segments of exactly `length` tokens for Bi-SSD (official sizes) or SASRec."""
     torch.manual_seed(args.seed)
     n = tokens // length
-    if model == "bissd":
+    if model in ("bissd", "bissd_noscan"):
         cfg = EncoderConfig(d_model=d_model, n_layers=args.layers, kernel=args.kernel, chunk_size=args.chunk_size,
                             gradient_checkpointing=args.checkpoint)
         enc: torch.nn.Module = BiSSDEncoder.from_config(cfg)
@@ -449,15 +481,18 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--lengths needs at least two lengths to fit an exponent")
     if lengths[-1] > tokens:
         raise ValueError(f"--tokens-per-step {tokens} is shorter than the longest length {lengths[-1]}")
+    ratio_length = args.ratio_length or (lengths[-1] if args.quick else 4096)
+    if ratio_length not in lengths:
+        raise ValueError(f"--ratio-length {ratio_length} is not one of --lengths {lengths}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mem = PeakMemory(device)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: list[dict[str, Any]] = []
     for d in dims:
         points: list[Point] = []
-        for model in ("bissd", "sasrec"):
+        for model in ("bissd", "sasrec", "bissd_noscan"):
             prev: Point | None = None
-            for length in lengths:
+            for length in (lengths if model != "bissd_noscan" else [ratio_length]):
                 avail = mem.available_bytes()
                 if args.memory_headroom > 0 and prev is not None and avail is not None:
                     # Conservative: per-token memory may grow like L (attention); tokens are fixed.
@@ -485,13 +520,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("%s d=%d L=%d: %.3f s (cpu %.3f s)", p.model, d, p.lengths[0], wall, cpu)
         rows.extend(_compare_row(p) for p in points)
         del points
-    ratio_length = args.ratio_length or (lengths[-1] if args.quick else 4096)
     summary = compare_summary(rows, dims, ratio_length, args.target_speedup, args.target_k)
     log.info("Bi-SSD vs SASRec, %d tokens/step, %d layers, %s, %d threads:\n%s", tokens, args.layers, device,
              torch.get_num_threads(), _compare_table(rows))
     for d, s in summary.items():
         for key in ("speedup_target", "k_target"):
             log.info("d=%s: %s", d, s[key]["text"])
+        if s.get("scan_free_speedup") is not None:
+            log.info("d=%s: with the scan removed (y = D x) Bi-SSD would be %.2fx SASRec at L=%d; the scan is %.0f%% "
+                     "of the Bi-SSD step", d, s["scan_free_speedup"], s["speedup_at"], 100 * s["scan_share"])
     return {
         "output_name": "encoder_vs_sasrec",
         "mode": "compare_sasrec",
@@ -530,6 +567,10 @@ def compare_summary(rows: list[dict[str, Any]], dims: list[int], ratio_length: i
         entry["bissd_speedup"] = speedup  # = SASRec step time / Bi-SSD step time (same tokens)
         entry["speedup_target"] = target_verdict(f"Bi-SSD/SASRec tokens/s at L={ratio_length}", speedup,
                                                  target_speedup, higher_is_better=True, unit="x")
+        floor = done.get(("bissd_noscan", ratio_length))
+        # The scan-free encoder's speed-up over SASRec: what a zero-cost scan would give (a hard ceiling).
+        entry["scan_free_speedup"] = b["seconds_median"] / floor["seconds_median"] if floor and b else None
+        entry["scan_share"] = 1 - floor["seconds_median"] / a["seconds_median"] if floor and a else None
         k = entry["bissd"]["fit"]["k"] if entry["bissd"]["fit"] else None
         entry["k_target"] = target_verdict("Bi-SSD exponent k", k, target_k, higher_is_better=False)
         out[str(d)] = entry
@@ -537,17 +578,17 @@ def compare_summary(rows: list[dict[str, Any]], dims: list[int], ratio_length: i
 
 
 def _compare_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'model':>7} {'d':>4} {'L':>6} {'segs':>5} {'s/step':>8} {'best s':>8} {'s/seq':>10} "
+    head = (f"{'model':>12} {'d':>4} {'L':>6} {'segs':>5} {'s/step':>8} {'best s':>8} {'s/seq':>10} "
             f"{'tokens/s':>10} {'peak GB':>8} {'saved GB':>9}")
     lines = [head]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['model']:>7} {r['d_model']:>4} {r['length']:>6}  skipped: {r['skipped']}")
+            lines.append(f"{r['model']:>12} {r['d_model']:>4} {r['length']:>6}  skipped: {r['skipped']}")
             continue
         peak = "?" if r["peak_step_gb"] is None else f"{r['peak_step_gb']:.2f}"
         saved = "?" if r["saved_activations_gb"] is None else f"{r['saved_activations_gb']:.3f}"
         lines.append(
-            f"{r['model']:>7} {r['d_model']:>4} {r['length']:>6} {r['n_segments']:>5} {r['seconds_median']:>8.3f} "
+            f"{r['model']:>12} {r['d_model']:>4} {r['length']:>6} {r['n_segments']:>5} {r['seconds_median']:>8.3f} "
             f"{r['seconds_min']:>8.3f} {r['seconds_per_sequence']:>10.5f} {r['tokens_per_s']:>10.0f} {peak:>8} "
             f"{saved:>9}"
         )

@@ -3,9 +3,10 @@
 MFU = (analytic training FLOPs per token) x (measured tokens/s) / (fp32 GEMM peak measured in the same run,
 best of a few large `torch.mm`). The FLOP count (`bissd_flops_per_token`) counts multiply-adds of matmuls and
 the convolution as 2 FLOPs each, per token, as the torch path computes them (full Q x Q chunk blocks, masked
-or not); element-wise work (exp, softplus, SiLU, GELU, norms, dropout, masks) is not counted, as usual for
-MFU. With d_inner = expand*d, H = d_inner/headdim heads, G groups of N states, chunk Q, conv width W,
-conv_dim = d_inner + 2GN, and d_in_proj = 2 d_inner + 2GN + H, one mixer pass costs per token::
+or not, with Q the torch path's tile `min(chunk_size, TORCH_MAX_CHUNK)`); element-wise work (exp, softplus,
+SiLU, GELU, norms, dropout, masks) is not counted, as usual for MFU. With d_inner = expand*d, H =
+d_inner/headdim heads, G groups of N states, chunk Q, conv width W, conv_dim = d_inner + 2GN, and
+d_in_proj = 2 d_inner + 2GN + H, one mixer pass costs per token::
 
     in_proj       2 d d_in_proj
     conv          2 W conv_dim
@@ -42,6 +43,7 @@ import torch
 from ssd4rec_torchrec.bench.common import target_verdict
 from ssd4rec_torchrec.bench.encoder import Point, segment_lengths
 from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig
+from ssd4rec_torchrec.ops.ssd import TORCH_MAX_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for p in points:
         flops = bissd_flops_per_token(p.d_model, n_layers=args.layers, d_state=args.d_state, headdim=args.headdim,
-                                      chunk_size=args.chunk_size)
+                                      chunk_size=min(args.chunk_size, TORCH_MAX_CHUNK))
         sec = statistics.median(p.times)
         tok_s = p.total / sec
         achieved = flops["train_step"] * tok_s
@@ -225,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              torch.get_num_threads(), peak["flops_per_s"] / 1e9, _table(rows), verdict["text"])
     return {
         "layers": args.layers, "d_state": args.d_state, "headdim": args.headdim, "chunk_size": args.chunk_size,
+        "torch_tile": min(args.chunk_size, TORCH_MAX_CHUNK),
         "bf16_autocast": args.bf16, "num_threads": torch.get_num_threads(), "torch": torch.__version__,
         "repeats": repeats, "length_mix": {"median": args.median_length, "sigma": 1.2, "max": args.max_length},
         "gemm_peak": peak, "gemm_peak_bf16": bf16_peak, "rows": rows, "target": verdict,

@@ -62,6 +62,31 @@ def _cuda_kernel_unusable_reason(x: torch.Tensor, weight: torch.Tensor) -> str |
     return None
 
 
+def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+    """A (length, C) buffer with `x[i]` at row `rows[i]` and zeros in every other row (only those are
+    zero-filled: `rows` is increasing, so the others are the gaps between consecutive entries)."""
+    out = x.new_empty(length, x.shape[1])
+    out.index_copy_(0, rows, x)
+    gap = torch.ones(length, dtype=torch.bool, device=x.device)
+    gap[rows] = False
+    out[gap] = 0
+    return out
+
+
+def _column_dots(dy: torch.Tensor, xp: torch.Tensor, W: int, rows_per_block: int = 1024) -> torch.Tensor:
+    """`out[c, W-1-k] = Σ_o dy[o, c] · xp[o + W-1-k, c]` (the weight gradient), over blocks of rows so the
+    products stay in cache instead of W full-size temporaries."""
+    n = dy.shape[0]
+    out = torch.zeros(dy.shape[1], W, dtype=torch.float64 if dy.dtype == torch.float64 else dy.dtype,
+                      device=dy.device)
+    for s in range(0, n, rows_per_block):
+        e = min(s + rows_per_block, n)
+        blk = dy[s:e]
+        for k in range(W):
+            out[:, W - 1 - k] += (blk * xp[s + W - 1 - k: e + W - 1 - k]).sum(0)
+    return out
+
+
 class _VarlenConv(torch.autograd.Function):
     """Segment-resetting causal depthwise conv (+ optional SiLU) with a hand-written backward.
 
@@ -76,8 +101,7 @@ class _VarlenConv(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
                 padded_len: int, silu: bool) -> torch.Tensor:
         W = weight.shape[1]
-        xp = x.new_zeros(padded_len, x.shape[1])
-        xp.index_copy_(0, rows, x)
+        xp = _scatter_rows(x, rows, padded_len)
         y = torch.mul(xp[W - 1:], weight[:, W - 1])  # output row o <-> padded input row o + W - 1
         for k in range(1, W):
             y.addcmul_(xp[W - 1 - k: padded_len - k], weight[:, W - 1 - k])
@@ -94,16 +118,15 @@ class _VarlenConv(torch.autograd.Function):
         xp, weight, rows, pre = ctx.saved_tensors
         W = weight.shape[1]
         padded_len = xp.shape[0]
-        if ctx.silu:  # silu'(p) = s (1 + p (1 - s)), s = sigmoid(p)
-            s = torch.sigmoid(pre)
-            grad = s.mul_(pre * (1 - s) + 1).mul_(grad)
-        dy = xp.new_zeros(padded_len - W + 1, xp.shape[1])
-        dy.index_copy_(0, rows - (W - 1), grad)
-        dxp = torch.zeros_like(xp)
-        dweight = torch.empty_like(weight)
-        for k in range(W):
+        if ctx.silu:
+            grad = torch.ops.aten.silu_backward(grad, pre)
+        dy = _scatter_rows(grad, rows - (W - 1), padded_len - W + 1)
+        dxp = torch.empty_like(xp)
+        dxp[: W - 1].zero_()
+        torch.mul(dy, weight[:, W - 1], out=dxp[W - 1:])
+        for k in range(1, W):
             dxp[W - 1 - k: padded_len - k].addcmul_(dy, weight[:, W - 1 - k])
-            dweight[:, W - 1 - k] = torch.linalg.vecdot(dy, xp[W - 1 - k: padded_len - k], dim=0)
+        dweight = _column_dots(dy, xp, W)
         dbias = grad.sum(0) if ctx.has_bias else None
         return dxp.index_select(0, rows), dweight, dbias, None, None, None
 

@@ -49,6 +49,8 @@ _SCAN_BLOCK = 16
 # Upper bound on each (…, Q, Q) work buffer of the intra-chunk term (forward and backward run over blocks
 # of chunks that fit; at least one chunk per block).
 _BLOCK_BYTES = 8 * 2**20
+# Largest tile of the torch path (chunk_size is a tiling choice: it does not change what is computed).
+TORCH_MAX_CHUNK = 64
 # Chunks whose log-decays stay within ±this of their midpoint (per head) use the factored intra-chunk form
 # (`_intra_chunk_factored`): e^60 ≈ 1e26 leaves ~1e12 of fp32 headroom for the matmul's partial sums.
 # 0 disables it (every chunk then uses the exact per-head decay matrices).
@@ -168,7 +170,9 @@ class _DecayMatmul(torch.autograd.Function):
             torch.matmul(M, _rows(u_, s, e), out=y[s:e])
         out_batch = torch.broadcast_shapes(a.shape[:-1], u.shape[:-2], mask.shape[:-2],
                                            () if cb is None else cb.shape[:-2])
-        return y.reshape(out_batch + (Q, u.shape[-1]))
+        out_shape = out_batch + (Q, u.shape[-1])
+        # Not a view when no reshape is needed, so callers may update the result in place.
+        return y if y.shape == out_shape else y.reshape(out_shape)
 
     @staticmethod
     @once_differentiable
@@ -304,8 +308,13 @@ class _SegmentCumsum(torch.autograd.Function):
         return ((suffix[..., :-1] - tail) * keep).to(ctx.a_dtype), None
 
 
+def _chunk_starts(segc: torch.Tensor) -> torch.Tensor:
+    """(n, Q) bool: the first token of each segment inside each chunk, and every chunk's first token."""
+    return F.pad(segc[:, 1:] != segc[:, :-1], (1, 0), value=True)
+
+
 def _intra_chunk_factored(
-    a: torch.Tensor, CB: torch.Tensor, xdt: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
+    a: torch.Tensor, CB: torch.Tensor, xc: torch.Tensor, dtc: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
 ) -> torch.Tensor:
     """Intra-chunk term with the decay matrix factored per token: `exp(cs_i - cs_j) = f_i · g_j`.
 
@@ -315,46 +324,48 @@ def _intra_chunk_factored(
     the only (Q, Q) tensor is `same ∘ CB`, once per group, and the R heads of a group share one
     (Q, Q) @ (Q, R·P) matmul, instead of an exp/mask/multiply over a (Q, Q) decay matrix per head. Callers
     guarantee `|cs - r| <= _FACTORED_MAX_LOG` (no overflow, with headroom for the sums).
-    Shapes: a (n, G, R, Q), CB (n, G, Q, Q), xdt (n, G, R, Q, P), same (n, Q, Q) bool, segc (n, Q) segment
-    ids -> (n, G, R, Q, P). Every saved tensor is O(T·H·P) or O(T·Q·G).
+    Shapes: a and dtc (n, G, R, Q), CB (n, G, Q, Q), xc (n, G, R, Q, P) (U = dt ∘ x: dt is folded into the
+    per-token factor), same (n, Q, Q) bool, segc (n, Q) segment ids -> (n, G, R, Q, P). Every saved tensor
+    is O(T·H·P) or O(T·Q·G).
     """
-    n, G, R, Q, P = xdt.shape
-    starts = F.pad(segc[:, 1:] != segc[:, :-1], (1, 0), value=True)
-    cs = _SegmentCumsum.apply(a, starts)
+    n, G, R, Q, P = xc.shape
+    cs = _SegmentCumsum.apply(a, _chunk_starts(segc))
     ref = ((cs.amax(-1, keepdim=True) + cs.amin(-1, keepdim=True)) / 2).detach()
     f = torch.exp(cs - ref).to(a.dtype)
-    g = torch.exp(ref - cs).to(a.dtype)
+    g = torch.exp(ref - cs).to(a.dtype) * dtc
     M = CB.masked_fill(~same.unsqueeze(1), 0.0)  # (n, G, Q, Q)
-    v = (xdt * g.unsqueeze(-1)).transpose(2, 3).reshape(n, G, Q, R * P)
+    v = (xc * g.unsqueeze(-1)).transpose(2, 3).reshape(n, G, Q, R * P)
     w = torch.matmul(M, v).view(n, G, Q, R, P).transpose(2, 3)  # (n, G, R, Q, P)
     return w * f.unsqueeze(-1)
 
 
 def _intra_chunk(
-    a: torch.Tensor, CB: torch.Tensor, xdt: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
+    a: torch.Tensor, CB: torch.Tensor, xc: torch.Tensor, dtc: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
 ) -> torch.Tensor:
-    """`Y = (L ∘ CB) @ xdt` per chunk and head (L the masked decay matrix): the factored form for chunks
+    """`Y = (L ∘ CB) @ (dt ∘ x)` per chunk and head (L the masked decay matrix): the factored form for chunks
     whose decay range allows it (the usual case), the exact per-head decay matrices for the others."""
     nc = a.shape[0]
     if _FACTORED_MAX_LOG <= 0 or a.numel() == 0:
         factored = torch.zeros(nc, dtype=torch.bool, device=a.device)
     else:
         with torch.no_grad():
-            span = a.double().abs().sum(-1)  # >= max - min of the running sum over the chunk
-            factored = (span <= 2 * _FACTORED_MAX_LOG).flatten(1).all(1)  # (nc,)
+            cs = _SegmentCumsum.apply(a, _chunk_starts(segc))
+            half_range = (cs.amax(-1) - cs.amin(-1)) / 2
+            factored = (half_range <= _FACTORED_MAX_LOG).flatten(1).all(1)  # (nc,)
 
     def exact(idx: torch.Tensor | None) -> torch.Tensor:
         sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        return _DecayMatmul.apply(sel(a), sel(CB).unsqueeze(2), sel(xdt), sel(same)[:, None, None])
+        u = sel(xc) * sel(dtc).unsqueeze(-1)
+        return _DecayMatmul.apply(sel(a), sel(CB).unsqueeze(2), u, sel(same)[:, None, None])
 
     n_fact = int(factored.sum())
     if n_fact == nc:
-        return _intra_chunk_factored(a, CB, xdt, same, segc)
+        return _intra_chunk_factored(a, CB, xc, dtc, same, segc)
     if n_fact == 0:
         return exact(None)
     idx_f = factored.nonzero().squeeze(1)
     idx_e = (~factored).nonzero().squeeze(1)
-    y_f = _intra_chunk_factored(*(t.index_select(0, idx_f) for t in (a, CB, xdt, same, segc)))
+    y_f = _intra_chunk_factored(*(t.index_select(0, idx_f) for t in (a, CB, xc, dtc, same, segc)))
     y = torch.cat([y_f, exact(idx_e)])
     inverse = torch.empty_like(factored, dtype=torch.long)
     inverse[torch.cat([idx_f, idx_e])] = torch.arange(nc, device=a.device)
@@ -389,7 +400,8 @@ def _ssd_scan_torch(
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         seg = torch.cat([seg, (seg[-1:] + 1).expand(pad)])
     a = (dt * A).view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q) log-decay per token
-    xdt = (x * dt.unsqueeze(-1)).view(nc, Q, G, R, P).permute(0, 2, 3, 1, 4)  # (nc, G, R, Q, P)
+    dtc = dt.view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q)
+    xc = x.view(nc, Q, G, R, P).permute(0, 2, 3, 1, 4)  # (nc, G, R, Q, P); dt is folded into per-token factors
     Bg = B.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
     Cg = C.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
     segc = seg.view(nc, Q)
@@ -398,7 +410,7 @@ def _ssd_scan_torch(
     tri = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     same = tri & (segc[:, :, None] == segc[:, None, :])  # (nc, Q, Q)
     CB = torch.matmul(Cg, Bg.transpose(-1, -2))  # (nc, G, Q, Q), shared by a group's heads
-    y = _intra_chunk(a, CB, xdt, same, segc).permute(0, 3, 1, 2, 4)  # (nc, Q, G, R, P)
+    y = _intra_chunk(a, CB, xc, dtc, same, segc).permute(0, 3, 1, 2, 4)  # (nc, Q, G, R, P)
 
     if nc > 1:
         # 2) State at the end of each chunk from its own tokens, only those of the chunk's last segment.
@@ -406,7 +418,7 @@ def _ssd_scan_torch(
         #    The heads of a group are stacked into one (R·P, Q) @ (Q, N) matmul per chunk.
         suffix = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))  # (nc, G, R, Q)
         w = _masked_exp(suffix, (segc == segc[:, -1:])[:, None, None])  # (nc, G, R, Q)
-        xw = (xdt * w.unsqueeze(-1)).permute(0, 1, 2, 4, 3).reshape(nc, G, R * P, Q)
+        xw = (xc * (w * dtc).unsqueeze(-1)).permute(0, 1, 2, 4, 3).reshape(nc, G, R * P, Q)
         states = torch.matmul(xw, Bg)  # (nc, G, R·P, N)
         # 3) Linear recurrence over chunk end states (reset where the segment changes).
         cs = torch.cumsum(a, dim=-1)  # (nc, G, R, Q) decay from chunk start, inclusive
@@ -418,11 +430,11 @@ def _ssd_scan_torch(
         carry = _masked_exp(cs[1:], carry_mask).permute(0, 3, 1, 2).unsqueeze(-1)  # (nc-1, Q, G, R, 1)
         y_off = torch.matmul(Cg[1:], h_prev.transpose(-1, -2))  # (nc-1, G, Q, R·P)
         y_off = y_off.view(nc - 1, G, Q, R, P).transpose(1, 2) * carry  # (nc-1, Q, G, R, P)
-        y = torch.cat([y[:1], y[1:] + y_off])
+        y[1:] += y_off  # in place: y is not saved by any backward
 
     y = y.reshape(nc * Q, H, P)[:T]
     if D is not None:
-        y = y + x_in * (D.unsqueeze(-1) if D.dim() == 1 else D)
+        y = torch.addcmul(y, x_in, D.unsqueeze(-1) if D.dim() == 1 else D)
     return y
 
 
@@ -525,7 +537,9 @@ def ssd_scan(
         x: (T, H, P) inputs. dt: (T, H) positive step sizes (softplus/bias already applied).
         A: (H,) negative decay rates. B, C: (T, G, N) with H % G == 0; head h uses group h // (H // G).
         offsets: (S+1,) int64 jagged offsets (`offsets[0] == 0`, non-decreasing, `offsets[-1] == T`).
-        D: optional skip, (H,) or (H, P). chunk_size: tokens per chunk (any positive int for the torch path).
+        D: optional skip, (H,) or (H, P). chunk_size: tokens per chunk (any positive int for the torch path,
+            which tiles with `min(chunk_size, TORCH_MAX_CHUNK)`: the result is the same up to rounding, and
+            on a CPU larger tiles only add quadratic work and make the factored form fall back more often).
         kernel: "torch" (pure-torch chunked dual form), "mamba" (mamba-ssm Triton kernel, also on CPU tensors
             under TRITON_INTERPRET=1) or "auto" (mamba on CUDA tensors when importable, torch otherwise).
 
@@ -547,6 +561,6 @@ def ssd_scan(
         C.to(cdtype),
         seg,
         None if D is None else D.to(cdtype),
-        chunk_size,
+        min(chunk_size, TORCH_MAX_CHUNK),
     )
     return y.to(x.dtype)

@@ -135,7 +135,7 @@ def test_encoder_compare_sasrec_quick(runs: _Runs) -> None:
     res = _load(runs.out("compare"), "encoder_vs_sasrec")
     assert res["mode"] == "compare_sasrec" and res["tokens_per_step"] == 1024
     models = {(r["model"], r["length"]) for r in res["rows"]}
-    assert models == {(m, L) for m in ("bissd", "sasrec") for L in (64, 256, 1024)}
+    assert models == {(m, L) for m in ("bissd", "sasrec") for L in (64, 256, 1024)} | {("bissd_noscan", 1024)}
     for r in res["rows"]:
         assert r["tokens_per_s"] > 0 and r["seconds_per_sequence"] > 0 and r["saved_activations_gb"] > 0
         assert "peak_step_gb" in r
@@ -143,6 +143,8 @@ def test_encoder_compare_sasrec_quick(runs: _Runs) -> None:
     for model in ("bissd", "sasrec"):
         assert math.isfinite(s[model]["fit"]["k"])
     assert s["bissd_speedup"] > 0 and s["speedup_at"] == 1024
+    # The scan-free floor does strictly less work than the full encoder.
+    assert s["scan_free_speedup"] > s["bissd_speedup"] and 0 < s["scan_share"] < 1
     for key in ("speedup_target", "k_target"):
         assert s[key]["met"] in (True, False) and "target" in s[key]["text"]
 
@@ -158,7 +160,9 @@ def test_mfu_quick_with_profile_bf16(runs: _Runs) -> None:
     assert res["gemm_peak"]["flops_per_s"] > 0
     (row,) = res["rows"]
     assert row["d_model"] == 32 and row["mfu"] > 0 and row["tokens_per_s"] > 0
-    assert row["train_flops_per_token"] == bissd_flops_per_token(32)["train_step"]
+    # Counted at the torch path's tile (the official chunk 256 is tiled at 64 on the torch path).
+    assert res["chunk_size"] == 256 and res["torch_tile"] == 64
+    assert row["train_flops_per_token"] == bissd_flops_per_token(32, chunk_size=64)["train_step"]
     assert Path(row["profile_file"]).read_text().count("aten::") > 3
     assert res["bf16_autocast"] and res["gemm_peak_bf16"]["flops_per_s"] > 0
     assert 0 <= row["bf16_output_rel_error"] < 0.05
@@ -194,3 +198,30 @@ def test_train_quick_two_ranks(runs: _Runs) -> None:
     assert row["epoch_seconds"] > 0 and row["steps_per_epoch"] >= 2
     assert res["target"]["met"] in (True, False) and res["target"]["target"] == 20.0
     assert not list(out.glob("train-*"))  # run directories removed
+
+
+def test_scan_free_floor_replaces_only_the_scan() -> None:
+    """Inside `_scan_free` a mixer's scan is exactly its D skip; outside, the real scan is back."""
+    import torch
+
+    from ssd4rec_torchrec.bench.encoder import _scan_free
+    from ssd4rec_torchrec.nn import mixer as mixer_module
+
+    torch.manual_seed(0)
+    m = mixer_module.SSDMixer(16, d_state=8, headdim=8, chunk_size=8, kernel="torch")
+    x, offsets = torch.randn(20, 16), torch.tensor([0, 7, 20])
+    real = m(x, offsets)
+    captured = {}
+    with _scan_free(True):
+        floor = m(x, offsets)
+        captured["scan"] = mixer_module.ssd_scan
+    assert captured["scan"] is not mixer_module.ssd_scan
+    assert torch.equal(m(x, offsets), real) and not torch.allclose(floor, real)
+    # Hand-computed floor: the mixer with y = D * x_ssm (x_ssm = the conv output's first d_inner channels).
+    zxbcdt = m.in_proj(x)
+    z, xbc, _ = torch.split(zxbcdt, [m.d_inner, m.conv_dim, m.nheads], dim=-1)
+    xbc = mixer_module.varlen_causal_conv1d(xbc, m.conv1d.weight.squeeze(1), m.conv1d.bias, offsets,
+                                            activation="silu", kernel="torch")
+    y = xbc[:, : m.d_inner].view(20, m.nheads, m.headdim) * m.D.view(1, -1, 1)
+    expected = m.out_proj(m.norm(y.reshape(20, m.d_inner), z))
+    assert torch.allclose(floor, expected, atol=1e-6)
