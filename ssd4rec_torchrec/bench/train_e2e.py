@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run before it is killed")
     parser.add_argument("--keep-runs", action="store_true", help="keep the run directories under --out")
     parser.add_argument("--quick", action="store_true", help="2 steps per run")
+    parser.add_argument("--scan-free", action="store_true",
+                        help="also run 2 ranks with every SSD scan replaced by its D skip (the floor of the rest)")
 
 
 def parse_train_log(text: str) -> dict[str, Any]:
@@ -78,13 +80,18 @@ def full_epoch(config: str, overrides: list[str], world_size: int) -> dict[str, 
     return {"steps": loaders[0].steps_per_epoch(), "tokens": sum(epoch_tokens(ld) for ld in loaders)}
 
 
-def launch(n: int, config: str, steps: int, overrides: list[str], run_dir: Path, timeout: float) -> dict[str, Any]:
+def launch(n: int, config: str, steps: int, overrides: list[str], run_dir: Path, timeout: float,
+           scan_free: bool = False) -> dict[str, Any]:
     """Run the training job on `n` ranks for `steps` steps; returns its reported numbers and wall time."""
+    script = ["-m", "ssd4rec_torchrec.bench.scan_free_train"] if scan_free else [str(TRAIN_SCRIPT)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(TRAIN_SCRIPT), "--config", config, "--run-dir", str(run_dir),
+           *script, "--config", config, "--run-dir", str(run_dir),
            "--set", "train.epochs=1", f"train.max_steps_per_epoch={steps}", *overrides]
     log.info("launching: %s", " ".join(cmd))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    marker = run_dir.parent / "scan_free"
+    if scan_free:
+        env["SSD4REC_SCAN_FREE_MARKER"] = str(marker)
     t0 = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.out", "w") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout, check=False)
@@ -96,7 +103,11 @@ def launch(n: int, config: str, steps: int, overrides: list[str], run_dir: Path,
     parsed = parse_train_log((run_dir / "train.log").read_text())
     if not parsed:
         raise RuntimeError(f"no 'epoch N: loss X, Y tokens/s' line in {run_dir / 'train.log'}")
-    return {"ranks": n, "steps_run": steps, "wall_seconds": wall, "train_seconds": metrics["train_seconds"],
+    # Scans replaced per rank (None for a normal run): shows the floor run really ran without scans.
+    replaced = [json.loads(p.read_text())["scan_calls"] for p in sorted(marker.parent.glob("scan_free.*"))]
+    return {"ranks": n, "scan_free": scan_free, "replaced_scan_calls": replaced if scan_free else None,
+            "steps_run": steps, "wall_seconds": wall,
+            "train_seconds": metrics["train_seconds"],
             "tokens_per_s": parsed["tokens_per_s"], "loss": parsed["loss"], "world_size": metrics.get("world_size")}
 
 
@@ -107,12 +118,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = str(Path(args.config).resolve())
     out = Path(args.out)
     rows = []
-    for n in args.ranks:
+    plan = [(n, False) for n in args.ranks] + ([(2, True)] if args.scan_free else [])
+    for n, scan_free in plan:
         epoch = full_epoch(config, args.overrides, n)
         steps_run = min(steps, epoch["steps"])
         tmp = Path(tempfile.mkdtemp(prefix=f"train-{n}ranks-", dir=out))
         try:
-            r = launch(n, config, steps_run, args.overrides, tmp / "run", args.timeout)
+            r = launch(n, config, steps_run, args.overrides, tmp / "run", args.timeout, scan_free)
         finally:
             if not args.keep_runs:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -121,26 +133,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  epoch_seconds_from_tokens=epoch["tokens"] / r["tokens_per_s"], extrapolated=True,
                  run_dir=str(tmp / "run") if args.keep_runs else None)
         rows.append(r)
-        log.info("%d rank(s): %.0f tokens/s, %.1f s for %d steps -> %.1f s per full epoch of %d steps (extrapolated)",
-                 n, r["tokens_per_s"], r["train_seconds"], steps_run, r["epoch_seconds"], epoch["steps"])
-    two = next((r for r in rows if r["ranks"] == 2), None)
+        log.info("%d rank(s)%s: %.0f tokens/s, %.1f s for %d steps -> %.1f s per full epoch of %d steps "
+                 "(extrapolated)", n, " SCAN-FREE floor" if scan_free else "", r["tokens_per_s"], r["train_seconds"],
+                 steps_run, r["epoch_seconds"], epoch["steps"])
+    two = next((r for r in rows if r["ranks"] == 2 and not r["scan_free"]), None)
+    floor = next((r for r in rows if r["scan_free"]), None)
     verdict = target_verdict(f"{Path(args.config).stem} epoch seconds with 2 ranks",
                              None if two is None else two["epoch_seconds"],
                              TARGET_EPOCH_SECONDS, higher_is_better=False, unit=" s")
     log.info("train (%s):\n%s\n%s", args.config, _table(rows), verdict["text"])
+    if floor is not None:
+        log.info("with every SSD scan removed, 2 ranks would need %.1f s per epoch (the rest of the step)",
+                 floor["epoch_seconds"])
     return {"config": args.config, "overrides": args.overrides, "steps": steps, "cpu_count": os.cpu_count(),
             "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "note": "epoch_seconds extrapolated: train_seconds / steps_run x steps_per_epoch", "rows": rows,
-            "target": verdict}
+            "target": verdict, "scan_free_epoch_seconds": None if floor is None else floor["epoch_seconds"]}
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'ranks':>5} {'steps':>6} {'train s':>8} {'tokens/s':>9} {'steps/epoch':>11} {'epoch s*':>9} "
              f"{'wall s':>7}"]
     for r in rows:
-        lines.append(f"{r['ranks']:>5} {r['steps_run']:>6} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.0f} "
+        flag = "f" if r.get("scan_free") else " "
+        lines.append(f"{r['ranks']:>5}{flag}{r['steps_run']:>6} {r['train_seconds']:>8.1f} {r['tokens_per_s']:>9.0f} "
                      f"{r['steps_per_epoch']:>11} {r['epoch_seconds']:>9.1f} {r['wall_seconds']:>7.1f}")
-    lines.append("* extrapolated to a full epoch")
+    lines.append("* extrapolated to a full epoch; f = scan-free floor (SSD scans replaced by their D skip)")
     return "\n".join(lines)
 
 
@@ -153,7 +171,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     rows = result["rows"]
     x = list(range(len(rows)))
-    labels = [f"{r['ranks']} rank(s)" for r in rows]
+    labels = [f"{r['ranks']} rank(s)" + (" no scan" if r.get("scan_free") else "") for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(7, 3))
     ax1.bar(x, [r["tokens_per_s"] for r in rows])
     ax1.set_ylabel("tokens/s (all ranks)")

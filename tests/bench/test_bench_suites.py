@@ -89,7 +89,7 @@ QUICK_RUNS = {
     # configs/tiny.yaml (synthetic, generated if absent) keeps the smoke tests off the ML-1M download
     "packing": ("packing", "--quick", "--config", "configs/tiny.yaml"),
     "objective": ("objective", "--quick", "--config", "configs/tiny.yaml", "--steps", "1"),
-    "train": ("train", "--quick", "--config", "configs/tiny.yaml", "--ranks", "2"),
+    "train": ("train", "--quick", "--config", "configs/tiny.yaml", "--ranks", "2", "--scan-free"),
 }
 
 
@@ -193,10 +193,14 @@ def test_objective_quick(runs: _Runs) -> None:
 def test_train_quick_two_ranks(runs: _Runs) -> None:
     out = runs.out("train")
     res = _load(out, "train")
-    (row,) = res["rows"]
-    assert row["ranks"] == 2 and row["steps_run"] == 2 and row["tokens_per_s"] > 0
+    row, floor = res["rows"]
+    assert row["ranks"] == 2 and row["steps_run"] == 2 and row["tokens_per_s"] > 0 and not row["scan_free"]
     assert row["epoch_seconds"] > 0 and row["steps_per_epoch"] >= 2
     assert res["target"]["met"] in (True, False) and res["target"]["target"] == 20.0
+    # The scan-free floor really ran without scans: both ranks report replaced calls (2 per layer and step).
+    assert floor["scan_free"] and floor["ranks"] == 2 and res["scan_free_epoch_seconds"] == floor["epoch_seconds"]
+    assert len(floor["replaced_scan_calls"]) == 2 and min(floor["replaced_scan_calls"]) >= 2
+    assert row["replaced_scan_calls"] is None
     assert not list(out.glob("train-*"))  # run directories removed
 
 
