@@ -52,6 +52,7 @@ class EncoderConfig:
     ln_eps: float = 1e-12
     kernel: str = "auto"
     gradient_checkpointing: bool = False  # recompute each layer in backward (memory for long packed batches)
+    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for the layers' matmuls (output stays fp32)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,11 +107,15 @@ class BiSSDEncoder(nn.Module):
         ln_eps: float = 1e-12,
         kernel: str = "auto",
         gradient_checkpointing: bool = False,
+        autocast: Literal["none", "bf16"] = "none",
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
         if positional not in ("none", "learned"):
             raise ValueError(f"positional must be 'none' or 'learned', got {positional!r}")
+        if autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {autocast!r}")
+        self.autocast = autocast
         self.d_model = d_model
         self.n_layers = n_layers
         self.norm_embedding = norm_embedding
@@ -163,10 +168,12 @@ class BiSSDEncoder(nn.Module):
         if self.norm_embedding:
             h = self.LayerNorm(self.dropout(h))
         rev = reverse_segments_index(offsets, T)  # shared by all layers
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                # Keeps only each layer's input; the layer (dropout masks included) is replayed in backward.
-                h = checkpoint(layer, h, offsets, rev, use_reentrant=False)
-            else:
-                h = layer(h, offsets, rev)
-        return h
+        # bf16 autocast runs the projections and the FFN in bf16; the mixers keep conv, scan and norm in fp32.
+        with torch.autocast(device_type=h.device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+            for layer in self.layers:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    # Keeps only each layer's input; the layer (dropout masks included) is replayed in backward.
+                    h = checkpoint(layer, h, offsets, rev, use_reentrant=False)
+                else:
+                    h = layer(h, offsets, rev)
+        return h.to(values.dtype)

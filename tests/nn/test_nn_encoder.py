@@ -154,6 +154,29 @@ def test_bf16_autocast_close_to_fp32() -> None:
     assert err.max() <= 0.1 and err.mean() <= 0.02
 
 
+def test_autocast_option_runs_the_layers_in_bf16() -> None:
+    """`autocast="bf16"`: the input LayerNorm in fp32, the layers under bf16 autocast (same numbers as
+    running them by hand in an autocast context, different from fp32), output in the input's dtype."""
+    from ssd4rec_torchrec.ops import reverse_segments_index
+
+    enc = make_encoder(32, headdim=16).eval()
+    offsets = offsets_from_lengths([17, 60, 3])
+    x = torch.randn(80, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = enc(x, offsets)
+        h = enc.LayerNorm(x)
+        rev = reverse_segments_index(offsets, 80)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for layer in enc.layers:
+                h = layer(h, offsets, rev)
+        enc.autocast = "bf16"
+        inner = enc(x, offsets)
+    assert inner.dtype == torch.float32 and torch.equal(inner, h.float()) and not torch.equal(inner, ref)
+    assert (inner - ref).abs().max() < 0.1
+    with pytest.raises(ValueError, match="autocast"):
+        BiSSDEncoder(16, 1, autocast="fp8")
+
+
 def test_config_defaults_are_official_ml1m() -> None:
     cfg = EncoderConfig()
     assert (cfg.d_model, cfg.n_layers, cfg.d_state, cfg.headdim, cfg.expand, cfg.d_conv) == (256, 2, 64, 16, 2, 4)
