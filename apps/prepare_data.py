@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k-core", type=int, default=None, help="k for both users and items (default 5)")
     g.add_argument("--user-k", type=int, default=5)
     g.add_argument("--item-k", type=int, default=5)
+    g.add_argument("--full-catalog", action="store_true",
+                   help="keep every item of the source in the catalog, cold and k-core-filtered ones included")
     g.add_argument("--duplicates", choices=("keep", "drop", "error"), default="keep",
                    help="repeated (user, item, timestamp) rows: keep (RecBole, default), drop, or error")
     g = p.add_argument_group("files given by path")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                         max_length=args.synthetic_max_length, seed=args.seed)
         fmt = FileFormat(args.format, args.user_col, args.item_col, args.time_col)
         ds = prepare(args.dataset, params=params, file_format=fmt, synthetic=synthetic, force=args.force,
-                     progress=not args.json)
+                     progress=not args.json, full_catalog=args.full_catalog)
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from .data.batches import FEATURES, SeqBatch, make_batch
@@ -24,16 +24,19 @@ from .nn.baselines import BERT4RecEncoder, SASRecEncoder
 from .train.config import LossSection, ModelSection
 
 TABLE = "item_embedding"
+TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}
 
 
-def item_table_config(num_items: int, dim: int, init_std: float) -> EmbeddingConfig:
+def item_table_config(num_items: int, dim: int, init_std: float, dtype: str = "fp32") -> EmbeddingConfig:
     """The shared item table: pad + items + mask rows, explicit N(0, std) init (TorchRec's default
-    U(±sqrt(1/rows)) shrinks as the catalog grows)."""
+    U(±sqrt(1/rows)) shrinks as the catalog grows). ``dtype`` ``fp16`` stores the table (weights and the
+    fused optimizer's updates) in half precision through TorchRec's ``data_type``; lookups still return fp32."""
     return EmbeddingConfig(
         num_embeddings=table_rows(num_items),
         embedding_dim=dim,
         name=TABLE,
         feature_names=list(FEATURES),
+        data_type=TABLE_DTYPES[dtype],
         init_fn=partial(nn.init.normal_, mean=0.0, std=init_std),
     )
 
@@ -123,7 +126,8 @@ class SSD4Rec(nn.Module):
         self.num_items = num_items
         self.l2_normalize = loss.name == "sampled" and loss.l2_normalize
         self.ec = EmbeddingCollection(
-            tables=[item_table_config(num_items, model.d_model, model.embedding_init_std)], device=torch.device(device)
+            tables=[item_table_config(num_items, model.d_model, model.embedding_init_std, model.table_dtype)],
+            device=torch.device(device),
         )
         self.encoder = build_encoder(model)
         self.loss = RetrievalLoss(loss)

@@ -99,4 +99,5 @@ def load_dataset(cfg: Any) -> Any:
         params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
         synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
+        full_catalog=d.full_catalog,
     )

@@ -28,6 +28,15 @@ from .batches import SeqBatch, corrupt, gather_segments, make_batch
 from .preprocess import FIRST_ITEM_INDEX, LeaveOneOut, mask_index
 
 
+def item_counts(items: np.ndarray, num_items: int) -> np.ndarray:
+    """Interactions per item index (0 .. num_items + 1) as int32: 4 bytes per catalog item, where
+    ``np.bincount`` would allocate 8."""
+    counts = np.zeros(num_items + 2, dtype=np.int32)
+    for s in range(0, len(items), 1 << 24):
+        np.add.at(counts, np.asarray(items[s:s + (1 << 24)], dtype=np.int64), 1)
+    return counts
+
+
 class NegativeSampler:
     """Uniform or popularity-proportional (count^alpha) negatives over items 1..num_items.
 
@@ -48,9 +57,25 @@ class NegativeSampler:
             self.cdf = None
         else:
             raise ValueError(f"unknown sampler {kind!r}")
-        pop = np.asarray(counts[FIRST_ITEM_INDEX:FIRST_ITEM_INDEX + num_items], dtype=np.float64) + 1.0 \
-            if counts is not None else np.ones(num_items)
-        self.log_pop = np.log(pop / pop.sum())  # in-batch negatives follow the target (popularity) distribution
+        # in-batch negatives follow the target (popularity) distribution: log((count + 1) / total), evaluated
+        # at the batch's targets from the counts (kept as int32 where they fit: 4 bytes per catalog item, no
+        # float64 table of the catalog's size); the integer total is exact
+        c = counts[FIRST_ITEM_INDEX:FIRST_ITEM_INDEX + num_items] if counts is not None else None
+        if c is None:
+            self.total = float(num_items)
+        elif np.asarray(c[:0]).dtype.kind in "iu":  # integer counts: the float64 sum of (count + 1) is exact
+            self.total = float(int(np.sum(c, dtype=np.int64)) + num_items)
+            if len(c) and int(c.max()) < 2**31:
+                c = c.astype(np.int32, copy=False)
+        else:
+            self.total = float((np.asarray(c, dtype=np.float64) + 1.0).sum())
+        self.item_counts = c
+
+    def log_pop(self, items: np.ndarray) -> np.ndarray:
+        """log((count + 1) / total) of item indices ``items - FIRST_ITEM_INDEX`` (float64)."""
+        if self.item_counts is None:
+            return np.log(np.ones(len(items)) / self.total)
+        return np.log((np.asarray(self.item_counts[items], dtype=np.float64) + 1.0) / self.total)
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         if self.cdf is None:
@@ -62,7 +87,7 @@ class NegativeSampler:
         return ids + FIRST_ITEM_INDEX, logq.astype(np.float32)
 
     def target_logq(self, targets: np.ndarray) -> np.ndarray:
-        return (self.log_pop[targets - FIRST_ITEM_INDEX] + math.log(max(len(targets), 1))).astype(np.float32)
+        return (self.log_pop(targets - FIRST_ITEM_INDEX) + math.log(max(len(targets), 1))).astype(np.float32)
 
 
 @dataclass
@@ -189,12 +214,21 @@ class TrainLoader:
                           catalog_size=self.num_items if s.loss == "full" else 0, users=users, **kw)
 
 
+def eval_user_sample(num_users: int, size: int | None, seed: int) -> np.ndarray | None:
+    """A fixed, sorted random sample of ``size`` user indices (None, or all users, when ``size`` is None)."""
+    if size is None or size >= num_users:
+        return None
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_users, size=size, replace=False)).astype(np.int64)
+
+
 def eval_batches(split: LeaveOneOut, num_items: int, which: str, *, objective: str, batch_users: int,
-                 max_history: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[SeqBatch]:
+                 max_history: int | None = None, rank: int = 0, world_size: int = 1,
+                 users: np.ndarray | None = None) -> Iterator[SeqBatch]:
     """Eval input per user (``valid``: training history; ``test``: history incl. the valid item).
 
     Every rank yields the same number of batches (padding examples carry weight 0) so collective
     lookups line up. ``cloze`` appends a mask token and reads it out; ``prefix`` reads the last token.
+    ``users``: evaluate only these user indices (e.g. :func:`eval_user_sample`), split across ranks.
     """
     if which == "valid":
         off, items, targets = split.train_offsets, split.train_items, split.valid_targets
@@ -202,8 +236,9 @@ def eval_batches(split: LeaveOneOut, num_items: int, which: str, *, objective: s
         off, items, targets = split.test_offsets, split.test_items, split.test_targets
     else:
         raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
-    num_users = len(off) - 1
-    users = np.arange(rank, num_users, world_size, dtype=np.int64)
+    everyone = np.arange(len(off) - 1, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
+    num_users = len(everyone)
+    users = everyone[rank::world_size]
     most = math.ceil(num_users / world_size)
     steps = math.ceil(most / batch_users)
     m = max_history or np.iinfo(np.int64).max

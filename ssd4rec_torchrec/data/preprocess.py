@@ -112,8 +112,12 @@ def _dense_index(codes: np.ndarray, size: int, start: int) -> tuple[np.ndarray, 
     return lookup[codes], kept_codes
 
 
-def build_sequences(raw: RawInteractions, params: PreprocessParams) -> Sequences:
-    """k-core filter, stable chronological sort, contiguous re-indexing, jagged per-user arrays."""
+def build_sequences(raw: RawInteractions, params: PreprocessParams, *, full_catalog: bool = False) -> Sequences:
+    """k-core filter, stable chronological sort, contiguous re-indexing, jagged per-user arrays.
+
+    ``full_catalog``: items are every item code of the source (item index = code + 1), so cold items -
+    never interacted with, or removed by k-core - keep their table rows; k-core still filters interactions.
+    """
     n_raw = len(raw)
     if n_raw == 0:
         raise DataError(raw.source, "no interactions")
@@ -151,7 +155,10 @@ def build_sequences(raw: RawInteractions, params: PreprocessParams) -> Sequences
 
     user_index, user_codes = _dense_index(user, raw.num_user_codes, 0)
     del user
-    item_index, item_codes = _dense_index(item, raw.num_item_codes, FIRST_ITEM_INDEX)
+    if full_catalog:  # identity map: no lookup table, O(1) extra memory besides the raw-id array
+        item_index, item_codes = item + FIRST_ITEM_INDEX, np.arange(raw.num_item_codes, dtype=np.int64)
+    else:
+        item_index, item_codes = _dense_index(item, raw.num_item_codes, FIRST_ITEM_INDEX)
     del item
     num_users, num_items = len(user_codes), len(item_codes)
     if num_items + 2 > np.iinfo(np.int32).max:
@@ -178,6 +185,9 @@ def build_sequences(raw: RawInteractions, params: PreprocessParams) -> Sequences
         "kcore_passes": passes,
         "density": float(offsets[-1]) / (num_users * num_items),
     }
+    if full_catalog:
+        stats["catalog"] = "full"
+        stats["active_items"] = int(np.count_nonzero(np.bincount(item_index, minlength=num_items + 1)))
     return Sequences(offsets, item_index.astype(np.int32), ts, np.asarray(user_ids), np.asarray(item_ids),
                      titles, stats)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..data.batches import gather_segments
-from ..data.loader import eval_batches
+from ..data.loader import eval_batches, eval_user_sample
 from ..data.preprocess import LeaveOneOut
 from ..train.config import TrainConfig
 from ..train.distributed import DistContext
@@ -44,14 +44,16 @@ def item_blocks(model: SSD4Rec, ctx: DistContext) -> list[ItemBlock]:
 @torch.no_grad()
 def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
              num_items: int, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """Full-ranking metrics over all users (split across ranks, reduced); both protocols. Collective."""
+    """Full-ranking metrics over all users, or ``train.eval_sample_users`` of them (split across ranks,
+    reduced); both protocols. Collective."""
     was_training = model.training
     model.eval()
     blocks = item_blocks(model, ctx)
     metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
+    sample = eval_user_sample(len(split.valid_targets), cfg.train.eval_sample_users, cfg.seed)
     for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
                               batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
-                              rank=ctx.rank, world_size=ctx.world_size):
+                              rank=ctx.rank, world_size=ctx.world_size, users=sample):
         vectors = model.user_vectors(batch.to(ctx.device))
         keep = batch.weights > 0
         users = batch.users[keep].numpy()
@@ -65,11 +67,13 @@ def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, c
 
 
 def popularity_baseline(split: LeaveOneOut, which: str, ctx: DistContext, num_items: int,
-                        ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """Everyone gets the training-popularity ranking: the floor a sequence model must clearly beat."""
+                        ks=DEFAULT_KS, sample_users: int | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Everyone gets the training-popularity ranking: the floor a sequence model must clearly beat
+    (``sample_users``: on the same user sample as :func:`evaluate` with ``train.eval_sample_users``)."""
     scores = popularity_scores(torch.from_numpy(np.asarray(split.train_items, dtype=np.int64)), num_items)
     targets = split.valid_targets if which == "valid" else split.test_targets
-    users = np.arange(ctx.rank, len(targets), ctx.world_size)
+    sample = eval_user_sample(len(targets), sample_users, seed)
+    users = (np.arange(len(targets)) if sample is None else sample)[ctx.rank::ctx.world_size]
     metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
     for start in range(0, len(users), 2048):
         u = users[start:start + 2048]

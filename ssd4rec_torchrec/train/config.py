@@ -34,6 +34,10 @@ class DataSection:
     item_col: str = "item_id"
     time_col: str = "timestamp"
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    # keep the source's whole catalog in the item table (items 1..catalog size, raw-id order), including
+    # items that k-core filtering removed or that nobody interacted with (cold items); the synthetic
+    # catalog is ``synthetic.num_items``. false: only items that survive k-core (the default)
+    full_catalog: bool = False
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ModelSection:
     norm_embedding: bool = True
     positional: Literal["none", "learned"] = "none"
     embedding_init_std: float = 0.02
+    table_dtype: Literal["fp32", "fp16"] = "fp32"  # item table storage (fp16: half the memory; TorchRec data_type)
     kernel: Literal["auto", "torch", "mamba"] = "auto"
     n_heads: int = 2  # sasrec / bert4rec
     max_positions: int = 512  # sasrec / bert4rec learned positions (and ssd4rec with positional: learned)
@@ -133,6 +138,8 @@ class TrainSection:
     metric: str = "NDCG@10"
     protocol: Literal["filtered", "unfiltered"] = "filtered"
     eval_batch_users: int = 512
+    # validate / test on a fixed random sample of this many users (seeded by ``seed``; None: every user)
+    eval_sample_users: int | None = None
     checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
     keep_checkpoints: int = 2
     max_steps_per_epoch: int | None = None
@@ -142,6 +149,8 @@ class TrainSection:
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_sample_users is not None and self.eval_sample_users < 1:
+            raise ValueError(f"eval_sample_users must be >= 1, got {self.eval_sample_users}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:
             raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_users", "keep_checkpoints"):

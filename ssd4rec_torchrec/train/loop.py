@@ -32,7 +32,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from ..data import FileFormat, PreprocessParams, SequenceDataset, SyntheticConfig, prepare
-from ..data.loader import LoaderSpec, NegativeSampler, TrainLoader
+from ..data.loader import LoaderSpec, NegativeSampler, TrainLoader, item_counts
 from ..eval.metrics import PROTOCOLS
 from ..eval.model_eval import evaluate, popularity_baseline
 from ..model import SSD4Rec
@@ -52,6 +52,7 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext) -> SequenceDataset:
         params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
         synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
+        full_catalog=d.full_catalog,
     )
     if ctx.is_main:
         ds = prepare(d.dataset, **kwargs)
@@ -140,9 +141,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                       batch_size=cfg.train.batch_size)
     sampler = None
     if cfg.loss.name == "sampled":
-        counts = np.bincount(split.train_items, minlength=n_items + 2)
-        sampler = NegativeSampler(cfg.loss.sampler, n_items, counts, cfg.loss.num_negatives,
-                                  cfg.loss.popularity_alpha)
+        sampler = NegativeSampler(cfg.loss.sampler, n_items, item_counts(split.train_items, n_items),
+                                  cfg.loss.num_negatives, cfg.loss.popularity_alpha)
     loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
                          sampler=sampler)
     steps_per_epoch = loader.steps_per_epoch()
@@ -278,7 +278,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         "train_seconds": round(state["train_seconds"], 3),
         "wall_seconds": round(wall(), 3),
         "seconds_per_epoch": round(state["train_seconds"] / (epochs_trained or 1), 3),
-        "popularity": {"test": popularity_baseline(split, "test", ctx, n_items)},
+        "popularity": {"test": popularity_baseline(split, "test", ctx, n_items,
+                                                   sample_users=cfg.train.eval_sample_users, seed=cfg.seed)},
         "valid_history": state["valid_history"],
         "valid_timing": state["valid_timing"],
         "world_size": ctx.world_size,
