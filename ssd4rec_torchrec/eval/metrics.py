@@ -130,7 +130,7 @@ def _true(device: torch.device) -> Tensor:
 
 
 class _History:
-    """A user batch's history as (row, column) pairs of real items; sorted by column only when chunked.
+    """A user batch's history as distinct (row, column) pairs of real items, sorted by column.
 
     Padding (0) and the mask token (num_items + 1) are dropped; anything else outside ``1 .. num_items``
     is an error. Built from jagged (values, offsets) without ever materialising a padded [B, L] tensor.
@@ -151,21 +151,27 @@ class _History:
         real = (values >= 1) & (values <= num_items)
         cols = values[real] - 1
         rows = rows[real]
-        if chunked:  # sorted columns let each chunk take its slice by binary search
-            cols, order = torch.sort(cols)
-            rows = rows[order]
+        # distinct (row, column) pairs sorted by column: a chunk takes its slice by binary search, and a
+        # count of history items above the target subtracts each item once
+        key = torch.unique(cols * max(batch, 1) + rows)
+        cols, rows = key // max(batch, 1), key % max(batch, 1)
         self.rows, self.cols, self.batch, self.num_items, self.sorted = rows, cols, batch, num_items, chunked
 
-    def mask(self, lo: int, hi: int) -> Tensor:
-        """(B, hi - lo) bool: True where column ``lo + j`` is in that user's history."""
+    def pairs(self, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """(rows, columns - lo) of the distinct history entries in columns ``lo .. hi - 1``."""
         if (lo, hi) == (0, self.num_items):
             start, end = 0, self.cols.numel()
         elif self.sorted:
             start, end = torch.searchsorted(self.cols, torch.tensor([lo, hi], device=self.cols.device)).tolist()
         else:
             raise RuntimeError("_History.mask over a column range needs chunked=True")
+        return self.rows[start:end], self.cols[start:end] - lo
+
+    def mask(self, lo: int, hi: int) -> Tensor:
+        """(B, hi - lo) bool: True where column ``lo + j`` is in that user's history."""
+        rows, cols = self.pairs(lo, hi)
         out = torch.zeros(self.batch, hi - lo, dtype=torch.bool, device=self.cols.device)
-        out.index_put_((self.rows[start:end], self.cols[start:end] - lo), _true(out.device))
+        out.index_put_((rows, cols), _true(out.device))
         return out
 
     def contains(self, target_cols: Tensor) -> Tensor:
@@ -355,6 +361,16 @@ def _error_margin(users_t: Tensor, block_t: Tensor, dtype: torch.dtype, device: 
     return rel * torch.linalg.vector_norm(users_t, dim=0) * item_norm
 
 
+def _cannot_overflow(users_t: Tensor, block_t: Tensor, dtype: torch.dtype) -> bool:
+    """True when no ``dtype`` matmul score of these (finite) vectors can reach inf: |score| <= |user| |item|
+    (Cauchy-Schwarz) plus rounding, far below a quarter of the dtype's range. Spares a finiteness scan of
+    every score chunk."""
+    if users_t.shape[1] == 0 or block_t.shape[1] == 0:
+        return True
+    user_norm = float(torch.linalg.vector_norm(users_t, dim=0).max())
+    return user_norm * float(torch.linalg.vector_norm(block_t, dim=0).max()) < torch.finfo(dtype).max / 4
+
+
 def canonical_scores(user_vectors: Tensor, item_vectors: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """float64 scores of (user ``rows[p]``, item row ``cols[p]``) summed in the fixed order k = 0 .. d-1.
 
@@ -424,10 +440,11 @@ def block_rank_counts(
     upper = _round_outward(target_scores + margin, dtype, up=True).unsqueeze(1)
     lower = _round_outward(target_scores - margin, dtype, up=False).unsqueeze(1)
     target_cols = targets - 1
+    bounded = _cannot_overflow(users_t, block_t, dtype)
 
     for lo, hi in bounds:
         scores = users @ item_block[lo - first_col : hi - first_col].to(dtype).T
-        if not bool(torch.isfinite(scores).all()):
+        if not bounded and not bool(torch.isfinite(scores).all()):
             raise ValueError("scores overflowed to inf / NaN; rescale the vectors or pass float64")
         above = scores > upper
         near_rows, near_cols = ((scores >= lower) & ~above).nonzero(as_tuple=True)
@@ -436,10 +453,12 @@ def block_rank_counts(
             exact = exact >= target_scores[near_rows]
             above.index_put_((near_rows, near_cols), exact)
         above = _clear_target_columns(above, lo, target_cols)
+        above_count = above.sum(1)
         if "unfiltered" in counts:
-            counts["unfiltered"] += above.sum(1)
-        if "filtered" in counts:
-            counts["filtered"] += (above & ~history.mask(lo, hi)).sum(1)
+            counts["unfiltered"] += above_count
+        if "filtered" in counts:  # minus the (distinct) history items counted above
+            rows, cols = history.pairs(lo, hi)
+            counts["filtered"] += above_count - torch.bincount(rows[above[rows, cols]], minlength=batch)
     return counts
 
 
@@ -563,24 +582,37 @@ def block_topk(
     users_t = user_vectors.to(torch.float64).T.contiguous()
     block_t = item_block.to(torch.float64).T.contiguous()
     margin = _error_margin(users_t, block_t, dtype, device).unsqueeze(1)
+    bounded = _cannot_overflow(users_t, block_t, dtype)
     best_scores = torch.zeros(batch, 0, dtype=torch.float64, device=device)
     best_cols = torch.zeros(batch, 0, dtype=torch.long, device=device)
     for lo, hi in _chunk_bounds(item_block.shape[0], chunk_items) if item_block.shape[0] else []:
         fast = users @ item_block[lo:hi].to(dtype).T
-        if not bool(torch.isfinite(fast).all()):
+        if not bounded and not bool(torch.isfinite(fast).all()):
             raise ValueError("scores overflowed to inf / NaN; rescale the vectors or pass float64")
-        excluded = history.mask(first_col + lo, first_col + hi) if history is not None else None
-        if excluded is not None:
-            fast = fast.masked_fill(excluded, -math.inf)
+        if history is not None:  # finite scores above, so afterwards -inf marks exactly the excluded items
+            fast.index_put_(history.pairs(first_col + lo, first_col + hi),
+                            torch.tensor(-math.inf, dtype=fast.dtype, device=device))
         kk = min(k, hi - lo)
         kth = torch.topk(fast, kk, dim=1).values[:, -1:].to(torch.float64)
-        rows, cols = (fast.to(torch.float64) >= kth - margin).nonzero(as_tuple=True)
-        exact = torch.full(fast.shape, -math.inf, dtype=torch.float64, device=device)
-        exact[rows, cols] = _canonical_dot(users_t, block_t, rows, cols + lo)
-        if excluded is not None:
-            exact = exact.masked_fill(excluded, -math.inf)
-        chunk_cols = torch.arange(first_col + lo, first_col + hi, device=device).expand(batch, -1)
-        scores, picked = _order_candidates(exact, chunk_cols, targets, kk)
+        # fast >= kth - margin, compared in the fast dtype: for a value x of that dtype, x >= t exactly when
+        # x >= the smallest representable value >= t
+        threshold = _round_outward(kth - margin, dtype, up=True)
+        rows, cols = (fast >= threshold).nonzero(as_tuple=True)
+        exact = _canonical_dot(users_t, block_t, rows, cols + lo)
+        if history is not None:
+            exact = exact.masked_fill(fast[rows, cols] == -math.inf, -math.inf)
+        # Order only the candidates (>= kk per row), packed row by row; padding (score -inf, column past the
+        # catalog) sorts after every real column. Same result as ordering the whole chunk with non-candidates
+        # at -inf: a row whose k-th fast score is finite has >= kk finite candidates, one whose k-th is -inf
+        # has every column as a candidate.
+        per_row = torch.bincount(rows, minlength=batch)
+        width = max(int(per_row.max()) if rows.numel() else 0, kk)
+        slot = torch.arange(rows.numel(), device=device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+        cand_scores = torch.full((batch, width), -math.inf, dtype=torch.float64, device=device)
+        cand_cols = torch.full((batch, width), num_items, dtype=torch.long, device=device)
+        cand_scores[rows, slot] = exact
+        cand_cols[rows, slot] = cols + (first_col + lo)
+        scores, picked = _order_candidates(cand_scores, cand_cols, targets, kk)
         best_scores, best_cols = merge_topk([best_scores, scores], [best_cols, picked], k, targets=targets)
     return best_scores, best_cols
 
@@ -590,6 +622,25 @@ def merge_topk(scores: Sequence[Tensor], cols: Sequence[Tensor], k: int, *, targ
     """Merge per-block (or per-rank) top-k lists of the same users into the overall top-k (same order rule
     as ``block_topk``)."""
     return _order_candidates(torch.cat(list(scores), dim=1), torch.cat(list(cols), dim=1), targets, k)
+
+
+def _shared_score_ranks(scores: Tensor, target_cols: Tensor, history: _History, num_items: int,
+                        protocols: tuple[str, ...]) -> dict[str, Tensor]:
+    """``ranks_from_scores`` for one (num_items,) score vector shared by every user, in O(num_items) memory
+    whatever the batch: the scores are sorted once and each target's count of items at or above it is a
+    binary search; the filtered count subtracts the user's distinct history items at or above it."""
+    target_scores = scores[target_cols]
+    at_or_above = num_items - torch.searchsorted(torch.sort(scores).values, target_scores, side="left")
+    out = {}
+    if "unfiltered" in protocols:
+        out["unfiltered"] = at_or_above - 1  # the target itself is not counted
+    if "filtered" in protocols:
+        rows, cols = history.rows, history.cols
+        hit = (scores[cols] >= target_scores[rows]) & (cols != target_cols[rows])
+        filtered = at_or_above - 1 - torch.bincount(rows[hit], minlength=target_cols.numel())
+        seen = history.contains(target_cols)
+        out["filtered"] = torch.where(seen, torch.full_like(filtered, num_items), filtered)
+    return {p: out[p] for p in protocols}
 
 
 def ranks_from_scores(
@@ -619,6 +670,8 @@ def ranks_from_scores(
     history = _History(history_values, history_offsets, batch, num_items, device)
     _check_no_nan(scores)
     target_cols = targets - 1
+    if scores.dim() == 1:
+        return _shared_score_ranks(scores, target_cols, history, num_items, protocols)
     scores = scores.expand(batch, num_items)
     target_scores = scores.gather(1, target_cols.unsqueeze(1)) if batch else None
 

@@ -13,7 +13,10 @@ equals the unsharded evaluation's; memory per rank is O(users x chunk).
 
 Where the rows come from: the item table's local shards (row-wise: one row range per rank; table-wise:
 the owner holds all rows, the others none); a replicated table (unsharded, ``data_parallel``) is split into
-equal row ranges by rank. Column-wise shards are assembled through the table lookup instead.
+equal row ranges by rank. Column-wise shards are assembled through the table lookup instead. Blocks are
+views of at most ``BLOCK_ROWS`` rows in the table's own dtype (fp16 tables stay fp16); each is upcast to
+fp32 (and L2-normalised if asked) only while it is scored, so scoring memory stays bounded whatever the
+catalog size (the fp16 -> fp32 upcast is exact, so scores equal those of the upcast table).
 """
 
 from __future__ import annotations
@@ -27,28 +30,40 @@ from torch import Tensor
 
 from .metrics import PROTOCOLS, block_rank_counts, block_topk, canonical_target_scores, finish_ranks, merge_topk
 
-SCORE_BUDGET_BYTES = 1 << 27  # per score chunk (users x items x 4 bytes) before re-scoring
+SCORE_BUDGET_BYTES = 1 << 25  # per score chunk (users x items x 4 bytes) before re-scoring
+BLOCK_ROWS = 1 << 16  # rows per item block: bounds the per-block fp32 / float64 working copies
 
 
 @dataclass
 class ItemBlock:
-    """Vectors of item columns ``first_col .. first_col + len(vectors) - 1`` (items ``first_col + 1 ..``)."""
+    """Vectors of item columns ``first_col .. first_col + len(vectors) - 1`` (items ``first_col + 1 ..``).
+
+    ``vectors`` is a view in the table's dtype; ``normalize``: L2-normalise when scored."""
 
     first_col: int
     vectors: Tensor
+    normalize: bool = False
+
+    def scoring(self, device: torch.device | None = None) -> Tensor:
+        """The block as scored: on ``device``, fp16/bf16 upcast to fp32, L2-normalised if asked."""
+        v = self.vectors if device is None else self.vectors.to(device)
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.float()
+        return F.normalize(v, dim=-1) if self.normalize else v
 
 
-def _row_range_blocks(weight: Tensor, row0: int, num_items: int) -> list[ItemBlock]:
-    """Rows ``row0 ..`` of the table (row r = item r; 0 = padding, num_items + 1 = mask) -> item blocks."""
+def _row_range_blocks(weight: Tensor, row0: int, num_items: int, block_rows: int = BLOCK_ROWS) -> list[ItemBlock]:
+    """Rows ``row0 ..`` of the table (row r = item r; 0 = padding, num_items + 1 = mask) -> item blocks of at
+    most ``block_rows`` rows each."""
     lo, hi = max(row0, 1), min(row0 + weight.shape[0], num_items + 1)
-    if hi <= lo:
-        return []
-    return [ItemBlock(lo - 1, weight[lo - row0 : hi - row0].detach())]
+    return [ItemBlock(r - 1, weight[r - row0 : min(r + block_rows, hi) - row0].detach())
+            for r in range(lo, hi, block_rows)]
 
 
 def local_item_blocks(model: torch.nn.Module, table_key: str, num_items: int, rank: int, world_size: int,
-                      normalize: bool = False) -> list[ItemBlock]:
-    """This rank's item rows of ``model``'s table (``table_key`` in its state dict), as column blocks."""
+                      normalize: bool = False, block_rows: int = BLOCK_ROWS) -> list[ItemBlock]:
+    """This rank's item rows of ``model``'s table (``table_key`` in its state dict), as column blocks of at
+    most ``block_rows`` rows (views in the table's dtype; see :meth:`ItemBlock.scoring`)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     weight = model.state_dict()[table_key]
@@ -60,15 +75,15 @@ def local_item_blocks(model: torch.nn.Module, table_key: str, num_items: int, ra
             if (c0, nc) != (0, dim):
                 raise ValueError(f"{table_key}: shard covers columns {c0}..{c0 + nc - 1} of {dim}; exact sharded "
                                  "evaluation needs whole rows (row_wise / table_wise / data_parallel sharding)")
-            blocks += _row_range_blocks(shard.tensor, r0, num_items)
+            blocks += _row_range_blocks(shard.tensor, r0, num_items, block_rows)
     elif isinstance(weight, Tensor):  # replicated: split the rows evenly by rank
         per = -(-weight.shape[0] // world_size)
         r0 = rank * per
-        blocks += _row_range_blocks(weight[r0 : r0 + per], r0, num_items)
+        blocks += _row_range_blocks(weight[r0 : r0 + per], r0, num_items, block_rows)
     else:
         raise ValueError(f"{table_key}: unsupported table type {type(weight).__name__}")
     if normalize:
-        blocks = [ItemBlock(b.first_col, F.normalize(b.vectors.float(), dim=-1)) for b in blocks]
+        blocks = [ItemBlock(b.first_col, b.vectors, normalize=True) for b in blocks]
     return blocks
 
 
@@ -144,11 +159,11 @@ def sharded_score_ranks(
     chunk = _chunk_items(n_all)
     target_scores = torch.zeros(n_all, dtype=torch.float64, device=device)
     for b in blocks:
-        target_scores += canonical_target_scores(g.vectors, b.vectors.to(device), g.targets, b.first_col)[0]
+        target_scores += canonical_target_scores(g.vectors, b.scoring(device), g.targets, b.first_col)[0]
     g.all_reduce(target_scores)
     counts = torch.zeros(len(protocols), n_all, dtype=torch.long, device=device)
     for b in blocks:
-        block = block_rank_counts(g.vectors, b.vectors.to(device), g.targets, target_scores, first_col=b.first_col,
+        block = block_rank_counts(g.vectors, b.scoring(device), g.targets, target_scores, first_col=b.first_col,
                                   num_items=num_items, history_values=g.hist_values, history_offsets=g.hist_offsets,
                                   protocols=protocols, chunk_items=chunk)
         counts += torch.stack([block[p] for p in protocols])
@@ -183,7 +198,7 @@ def sharded_topk(
     scores = torch.full((n_all, k), -torch.inf, dtype=torch.float64, device=device)
     cols = torch.full((n_all, k), num_items, dtype=torch.long, device=device)  # sentinel column sorts last
     for b in blocks:
-        s, c = block_topk(g.vectors, b.vectors.to(device), k, first_col=b.first_col, num_items=num_items,
+        s, c = block_topk(g.vectors, b.scoring(device), k, first_col=b.first_col, num_items=num_items,
                           history_values=hv, history_offsets=ho, targets=g.targets, chunk_items=_chunk_items(n_all))
         scores, cols = merge_topk([scores, s], [cols, c], k, targets=g.targets)
     if _distributed(group):
