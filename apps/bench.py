@@ -4,7 +4,9 @@
 Suites: data (prepare 50M synthetic interactions), encoder (Bi-SSD encoder tokens/s vs length;
 --compare-sasrec: Bi-SSD vs SASRec over segment length, written as encoder_vs_sasrec.json), packing (packed
 varlen vs padded batches on ML-1M), mfu (model FLOP utilisation vs a measured GEMM peak), objective (tokens and
-seconds per ML-1M epoch per training objective), train (end-to-end tokens/s of the ML-1M job, 1 and 2 ranks).
+seconds per ML-1M epoch per training objective), train (end-to-end tokens/s of the ML-1M job, 1 and 2 ranks),
+huge (a 50M-item synthetic catalog, fp16 row-wise sharded over 2 ranks: memory per rank, time per phase,
+--num-items sweep for the largest catalog that fits).
 Every suite has --quick (tiny sizes, for smoke tests).
 """
 
@@ -30,6 +32,7 @@ SUITES = {
     "mfu": "ssd4rec_torchrec.bench.mfu",
     "objective": "ssd4rec_torchrec.bench.objective",
     "train": "ssd4rec_torchrec.bench.train_e2e",
+    "huge": "ssd4rec_torchrec.bench.huge",
 }
 
 
