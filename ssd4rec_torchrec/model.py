@@ -52,7 +52,7 @@ def build_encoder(cfg: ModelSection) -> torch.nn.Module:
         chunk_size=cfg.chunk_size, dropout=cfg.dropout, beta=cfg.beta,
         share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back,
         norm_embedding=cfg.norm_embedding, positional=cfg.positional, max_positions=cfg.max_positions,
-        kernel=cfg.kernel,
+        kernel=cfg.kernel, autocast=cfg.autocast,
     )
 
 

@@ -100,3 +100,20 @@ def test_sampled_loss_model_path_and_init_std():
     ref = _naive_sampled(user, table[batch.targets], batch.targets, table[batch.negatives], batch.negatives,
                          batch.negative_logq, batch.target_logq, cfg).mean()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_autocast_reaches_the_encoder_and_is_validated():
+    """`model.autocast: bf16` builds an encoder that runs its layers under bf16 autocast; other encoders
+    refuse the option (it would be silently ignored)."""
+    import pytest
+
+    from ssd4rec_torchrec.config import from_dict
+    from ssd4rec_torchrec.model import build_encoder
+
+    enc = build_encoder(ModelSection(d_model=16, n_layers=1, d_state=8, headdim=8, autocast="bf16"))
+    assert enc.autocast == "bf16"
+    assert build_encoder(ModelSection(d_model=16, n_layers=1, d_state=8, headdim=8)).autocast == "none"
+    with pytest.raises(ValueError, match="only implemented for ssd4rec"):
+        ModelSection(name="sasrec", autocast="bf16")
+    with pytest.raises(Exception, match="autocast"):
+        from_dict(ModelSection, {"autocast": "fp8"})

@@ -64,8 +64,11 @@ class ModelSection:
     kernel: Literal["auto", "torch", "mamba"] = "auto"
     n_heads: int = 2  # sasrec / bert4rec
     max_positions: int = 512  # sasrec / bert4rec learned positions (and ssd4rec with positional: learned)
+    autocast: Literal["none", "bf16"] = "none"  # ssd4rec: bf16 autocast for the encoder layers' matmuls
 
     def __post_init__(self) -> None:
+        if self.autocast != "none" and self.name != "ssd4rec":
+            raise ValueError(f"model.autocast {self.autocast!r} is only implemented for ssd4rec, not {self.name}")
         if self.d_model < 1 or self.n_layers < 1:
             raise ValueError(f"d_model and n_layers must be >= 1 (got {self.d_model}, {self.n_layers})")
         if (self.expand * self.d_model) % self.headdim:
