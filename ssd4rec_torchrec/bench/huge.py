@@ -161,14 +161,14 @@ def worker_main(argv: list[str] | None = None) -> int:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from tqdm import tqdm
 
-    from ..data.loader import LoaderSpec, NegativeSampler, TrainLoader, eval_batches, eval_user_sample, item_counts
+    from ..data.loader import eval_batches, eval_user_sample
     from ..eval.metrics import PROTOCOLS, RankingMetrics
     from ..eval.model_eval import eval_histories, item_blocks
     from ..eval.sharded import sharded_score_ranks, sharded_topk
     from ..model import TABLE, SSD4Rec
     from ..train.config import load_train_config
     from ..train.distributed import build_dmp, init_distributed
-    from ..train.loop import prepare_data
+    from ..train.loop import build_train_loader, prepare_data
 
     cfg = load_train_config(args.config, args.overrides)
     ctx = init_distributed()
@@ -199,19 +199,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     phases.report.update(num_items=n_items, table=table, stats=ds.stats)
     phases.done("init", **table)
 
-    o = cfg.objective
-    spec = LoaderSpec(objective=o.name, prefixes_per_user=o.prefixes_per_user, mask_prob=o.mask_prob, p_last=o.p_last,
-                      corruption=o.corruption, max_history=o.max_history, loss=cfg.loss.name,
-                      batch_size=cfg.train.batch_size)
-    sampler = None
-    if cfg.loss.name == "sampled":
-        sampler = NegativeSampler(cfg.loss.sampler, n_items, item_counts(split.train_items, n_items),
-                                  cfg.loss.num_negatives, cfg.loss.popularity_alpha)
-    loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                         sampler=sampler)
-    steps = loader.steps_per_epoch()
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    loader, steps = build_train_loader(cfg, split, n_items, ctx)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
     dmp.train()
     tokens = 0
@@ -247,8 +235,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     rank_s = topk_s = 0.0
     first_topk = None
     with torch.no_grad():
-        for batch in eval_batches(split, n_items, "test", objective=o.name, batch_users=cfg.train.eval_batch_users,
-                                  max_history=o.max_history, rank=ctx.rank, world_size=ctx.world_size, users=sample):
+        for batch in eval_batches(split, n_items, "test", objective=cfg.objective.name,
+                                  batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
+                                  rank=ctx.rank, world_size=ctx.world_size, users=sample):
             keep = batch.weights > 0
             vectors = model.user_vectors(batch.to(ctx.device)).float()[keep]
             targets = batch.targets[keep]

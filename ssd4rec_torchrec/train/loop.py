@@ -111,6 +111,25 @@ def _budget_reached(seconds: float, budget: float | None) -> bool:
     return bool(flag.item())
 
 
+def build_train_loader(cfg: TrainConfig, split, n_items: int, ctx: DistContext) -> tuple[TrainLoader, int]:
+    """This rank's `TrainLoader` for the config's objective and loss (with its negative sampler for a
+    sampled loss) and the steps of one epoch (capped by `train.max_steps_per_epoch`)."""
+    o = cfg.objective
+    spec = LoaderSpec(objective=o.name, prefixes_per_user=o.prefixes_per_user, mask_prob=o.mask_prob,
+                      p_last=o.p_last, corruption=o.corruption, max_history=o.max_history, loss=cfg.loss.name,
+                      batch_size=cfg.train.batch_size)
+    sampler = None
+    if cfg.loss.name == "sampled":
+        sampler = NegativeSampler(cfg.loss.sampler, n_items, item_counts(split.train_items, n_items),
+                                  cfg.loss.num_negatives, cfg.loss.popularity_alpha)
+    loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+                         sampler=sampler)
+    steps = loader.steps_per_epoch()
+    if cfg.train.max_steps_per_epoch:  # a shorter epoch (smoke tests, timing a huge config)
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return loader, steps
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run the whole job on this rank; returns the ``metrics.json`` content."""
     job_start = time.perf_counter()
@@ -135,19 +154,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     np.random.seed(cfg.seed)
     model = SSD4Rec(n_items, cfg.model, cfg.loss, device="meta")
     dmp, optimizer = build_dmp(model, cfg.train, ctx)
-    o = cfg.objective
-    spec = LoaderSpec(objective=o.name, prefixes_per_user=o.prefixes_per_user, mask_prob=o.mask_prob,
-                      p_last=o.p_last, corruption=o.corruption, max_history=o.max_history, loss=cfg.loss.name,
-                      batch_size=cfg.train.batch_size)
-    sampler = None
-    if cfg.loss.name == "sampled":
-        sampler = NegativeSampler(cfg.loss.sampler, n_items, item_counts(split.train_items, n_items),
-                                  cfg.loss.num_negatives, cfg.loss.popularity_alpha)
-    loader = TrainLoader(split, n_items, spec, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-                         sampler=sampler)
-    steps_per_epoch = loader.steps_per_epoch()
-    if cfg.train.max_steps_per_epoch:  # a shorter epoch (smoke tests, timing a huge config)
-        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    loader, steps_per_epoch = build_train_loader(cfg, split, n_items, ctx)
 
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
              "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,

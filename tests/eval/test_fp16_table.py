@@ -8,11 +8,7 @@ gathers the saved fp16 shards, upcasts them and compares with a brute-force rank
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,31 +109,12 @@ def _worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fp16_table")
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, __file__, str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True) for r in range(WORLD)]
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        pytest.fail("workers failed:\n" + "\n".join(f"--- rank {r}\n{log[-3000:]}" for r, log in enumerate(logs)),
-                    pytrace=False)
+    from dist_workers import run_ranks  # tests/ is on sys.path under pytest, not in the worker processes
+
+    run_ranks(__file__, out, WORLD, WORKER_TIMEOUT_S)
     return out
 
 

@@ -21,11 +21,7 @@ step (e.g. sparse gradients summed instead of averaged over ranks) fails.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,42 +133,14 @@ def _worker(out: Path) -> None:
 # ------------------------------------------------------------------------------------------------ parent (pytest)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Launch the 2 ranks once for all cases; fail with their log tails if either fails or hangs."""
     out = tmp_path_factory.mktemp("sharded_step")
     _dataset(out / "data")  # prepared once here; the ranks hit the cache
-    env = dict(os.environ, WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
-    procs, logs = [], []
-    for rank in range(WORLD):
-        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], stdout=log, stderr=subprocess.STDOUT,
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank))))
-    deadline, failed = time.monotonic() + WORKER_TIMEOUT_S, None
-    while failed is None and any(p.poll() is None for p in procs):
-        failed = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
-        if time.monotonic() > deadline:
-            failed = "timeout"
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    for log in logs:
-        log.close()
-    codes = [p.returncode for p in procs]
-    if failed is not None or any(codes):
-        tails = "\n".join(f"--- rank {r} (exit {c}) ---\n" + (out / f"rank{r}.log").read_text()[-3000:]
-                          for r, c in enumerate(codes))
-        pytest.fail(f"sharded workers failed ({failed=}, exit codes {codes}):\n{tails}", pytrace=False)
+    from dist_workers import run_ranks  # tests/ is on sys.path under pytest, not in the worker processes
+
+    run_ranks(__file__, out, WORLD, WORKER_TIMEOUT_S)
     return out
 
 
