@@ -314,7 +314,7 @@ def _chunk_starts(segc: torch.Tensor) -> torch.Tensor:
 
 
 def _intra_chunk_factored(
-    a: torch.Tensor, CB: torch.Tensor, xc: torch.Tensor, dtc: torch.Tensor, same: torch.Tensor, segc: torch.Tensor
+    cs: torch.Tensor, ref: torch.Tensor, CB: torch.Tensor, xc: torch.Tensor, dtc: torch.Tensor, same: torch.Tensor
 ) -> torch.Tensor:
     """Intra-chunk term with the decay matrix factored per token: `exp(cs_i - cs_j) = f_i · g_j`.
 
@@ -324,15 +324,13 @@ def _intra_chunk_factored(
     the only (Q, Q) tensor is `same ∘ CB`, once per group, and the R heads of a group share one
     (Q, Q) @ (Q, R·P) matmul, instead of an exp/mask/multiply over a (Q, Q) decay matrix per head. Callers
     guarantee `|cs - r| <= _FACTORED_MAX_LOG` (no overflow, with headroom for the sums).
-    Shapes: a and dtc (n, G, R, Q), CB (n, G, Q, Q), xc (n, G, R, Q, P) (U = dt ∘ x: dt is folded into the
-    per-token factor), same (n, Q, Q) bool, segc (n, Q) segment ids -> (n, G, R, Q, P). Every saved tensor
-    is O(T·H·P) or O(T·Q·G).
+    Shapes: cs (float64) and dtc (n, G, R, Q), ref (n, G, R, 1), CB (n, G, Q, Q), xc (n, G, R, Q, P) (U = dt ∘ x:
+    dt is folded into the per-token factor), same (n, Q, Q) bool -> (n, G, R, Q, P). Every saved tensor is
+    O(T·H·P) or O(T·Q·G).
     """
     n, G, R, Q, P = xc.shape
-    cs = _SegmentCumsum.apply(a, _chunk_starts(segc))
-    ref = ((cs.amax(-1, keepdim=True) + cs.amin(-1, keepdim=True)) / 2).detach()
-    f = torch.exp(cs - ref).to(a.dtype)
-    g = torch.exp(ref - cs).to(a.dtype) * dtc
+    f = torch.exp(cs - ref).to(xc.dtype)
+    g = torch.exp(ref - cs).to(xc.dtype) * dtc
     M = CB.masked_fill(~same.unsqueeze(1), 0.0)  # (n, G, Q, Q)
     v = (xc * g.unsqueeze(-1)).transpose(2, 3).reshape(n, G, Q, R * P)
     w = torch.matmul(M, v).view(n, G, Q, R, P).transpose(2, 3)  # (n, G, R, Q, P)
@@ -348,10 +346,10 @@ def _intra_chunk(
     if _FACTORED_MAX_LOG <= 0 or a.numel() == 0:
         factored = torch.zeros(nc, dtype=torch.bool, device=a.device)
     else:
-        with torch.no_grad():
-            cs = _SegmentCumsum.apply(a, _chunk_starts(segc))
-            half_range = (cs.amax(-1) - cs.amin(-1)) / 2
-            factored = (half_range <= _FACTORED_MAX_LOG).flatten(1).all(1)  # (nc,)
+        cs = _SegmentCumsum.apply(a, _chunk_starts(segc))  # (nc, G, R, Q) float64
+        hi, lo = cs.detach().amax(-1, keepdim=True), cs.detach().amin(-1, keepdim=True)
+        ref = (hi + lo) / 2  # per chunk and head; constant for autograd (f · g does not depend on it)
+        factored = ((hi - lo) / 2 <= _FACTORED_MAX_LOG).flatten(1).all(1)  # (nc,)
 
     def exact(idx: torch.Tensor | None) -> torch.Tensor:
         sel = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
@@ -360,12 +358,12 @@ def _intra_chunk(
 
     n_fact = int(factored.sum())
     if n_fact == nc:
-        return _intra_chunk_factored(a, CB, xc, dtc, same, segc)
+        return _intra_chunk_factored(cs, ref, CB, xc, dtc, same)
     if n_fact == 0:
         return exact(None)
     idx_f = factored.nonzero().squeeze(1)
     idx_e = (~factored).nonzero().squeeze(1)
-    y_f = _intra_chunk_factored(*(t.index_select(0, idx_f) for t in (a, CB, xc, dtc, same, segc)))
+    y_f = _intra_chunk_factored(*(t.index_select(0, idx_f) for t in (cs, ref, CB, xc, dtc, same)))
     y = torch.cat([y_f, exact(idx_e)])
     inverse = torch.empty_like(factored, dtype=torch.long)
     inverse[torch.cat([idx_f, idx_e])] = torch.arange(nc, device=a.device)
