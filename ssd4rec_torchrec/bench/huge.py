@@ -168,7 +168,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from ..model import TABLE, SSD4Rec
     from ..train.config import load_train_config
     from ..train.distributed import build_dmp, init_distributed
-    from ..train.loop import build_train_loader, prepare_data
+    from ..train.loop import build_train_loader, count_tokens, prepare_data
 
     cfg = load_train_config(args.config, args.overrides)
     ctx = init_distributed()
@@ -202,15 +202,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     loader, steps = build_train_loader(cfg, split, n_items, ctx)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
     dmp.train()
-    tokens = 0
-
-    def counted(batches):
-        nonlocal tokens
-        for b in batches:
-            tokens += int(b.features.lengths()[: b.batch_size].sum())
-            yield b
-
-    batches = counted(itertools.islice(loader.epoch(0), steps))
+    tokens = [0]
+    batches = count_tokens(itertools.islice(loader.epoch(0), steps), tokens)
     losses, step_seconds = [], 0.0
     for _ in tqdm(range(steps), desc="epoch 0", disable=not ctx.is_main, mininterval=2.0, dynamic_ncols=True):
         t0 = time.perf_counter()
@@ -221,7 +214,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         step_seconds += time.perf_counter() - t0
         losses.append(float(loss))
     pipeline.detach()
-    all_tokens = torch.tensor([tokens], dtype=torch.long)
+    all_tokens = torch.tensor(tokens, dtype=torch.long)
     dist.all_reduce(all_tokens)
     phases.done("epoch", steps=len(losses), tokens_all_ranks=int(all_tokens), step_seconds=round(step_seconds, 3),
                 tokens_per_s=round(int(all_tokens) / max(step_seconds, 1e-9), 1),

@@ -77,8 +77,7 @@ def _column_dots(dy: torch.Tensor, xp: torch.Tensor, W: int, rows_per_block: int
     """`out[c, W-1-k] = Σ_o dy[o, c] · xp[o + W-1-k, c]` (the weight gradient), over blocks of rows so the
     products stay in cache instead of W full-size temporaries."""
     n = dy.shape[0]
-    out = torch.zeros(dy.shape[1], W, dtype=torch.float64 if dy.dtype == torch.float64 else dy.dtype,
-                      device=dy.device)
+    out = dy.new_zeros(dy.shape[1], W)
     for s in range(0, n, rows_per_block):
         e = min(s + rows_per_block, n)
         blk = dy[s:e]

@@ -90,7 +90,8 @@ def _maybe_fault(global_step: int, ctx: DistContext, run_dir: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _count_tokens(batches, counter: list[int]):
+def count_tokens(batches, counter: list[int]):
+    """Yield `batches` unchanged, adding each batch's history tokens (its examples' rows) to `counter[0]`."""
     for b in batches:
         counter[0] += int(b.features.lengths()[: b.batch_size].sum())
         yield b
@@ -220,7 +221,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         epoch = state["epoch"]
         dmp.train()
         tokens = [0]  # history tokens handed to the pipeline this epoch (it runs <= 2 batches ahead)
-        batches = _count_tokens(itertools.islice(loader.epoch(epoch, state["step"]),
+        batches = count_tokens(itertools.islice(loader.epoch(epoch, state["step"]),
                                                  max(steps_per_epoch - state["step"], 0)), tokens)
         bar = tqdm(total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch}", disable=not ctx.is_main,
                    dynamic_ncols=True, mininterval=1.0)
