@@ -22,6 +22,12 @@ costs more than the arithmetic, and small blocks stay in cache), recomputing the
 backward instead of saving them, so its cost is linear in T with bounded temporaries; the rest is plain
 autograd over (T, H, P)- and (T/Q, H, P, N)-sized tensors.
 
+When every chunk's decays span at most `2 * _FACTORED_MAX_LOG` (the usual case), the whole torch path is
+instead one autograd Function with a hand-written backward (`_FactoredScan`): the decay matrix is factored
+per token (`exp(cs_i - cs_j) = f_i g_j`), so a chunk needs one (Q, Q) matrix per group instead of one per
+head, the previous chunk's state enters through the same factors, and every step is a batched matmul or
+an element-wise op in the token-major layout.
+
 Segment boundaries need not align with chunks: a segment-equality mask is applied inside chunks and a
 state is only carried into tokens of the segment it belongs to. Decays are exponentiated only after
 masking (`exp(where(mask, s, -inf))`), so masked terms have exactly zero value and zero gradient.
@@ -370,6 +376,223 @@ def _intra_chunk(
     return y.index_select(0, inverse)
 
 
+def _pad_tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` (T, ...) with zero rows appended up to `n` rows (`t` itself when T == n)."""
+    if t.shape[0] == n:
+        return t
+    out = t.new_empty((n,) + t.shape[1:])
+    out[: t.shape[0]].copy_(t)
+    out[t.shape[0]:].zero_()
+    return out
+
+
+def _chunk_cumsum(a: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """float64 running log-decay inside each chunk, restarting in every segment that starts in the chunk.
+
+    `cs_k = a_{s+1} + ... + a_k` for a token of the segment starting at `s` in the chunk, and
+    `cs_k = a_0 + ... + a_k` for the tokens of a segment that continues from the previous chunk (their
+    decays from the chunk start on, which carry the previous chunk's state in). a (n, Q, ...) any float;
+    starts (n, Q) bool: segment starts, position 0 included unless the chunk continues the previous one's
+    last segment.
+    """
+    view = starts.shape + (1,) * (a.dim() - 2)
+    cum = (a.double() * (~starts).view(view)).cumsum(1)
+    pos = torch.arange(starts.shape[1], device=a.device)
+    start_of = torch.where(starts, pos, 0).cummax(1).values
+    started = starts.gather(1, start_of)  # False only for a continuing first segment (no base to remove)
+    base = cum.gather(1, start_of.view(view).expand(cum.shape)) * started.view(view)
+    return cum - base
+
+
+def _chunk_cumsum_backward(dcs: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Gradient of `_chunk_cumsum` w.r.t. `a`: `da_m = Σ dcs_k` over later tokens `k >= m` of m's segment
+    (0 at segment starts). Written as a difference of suffix sums in float64 so that a segment whose `dcs`
+    are all zero gets exactly 0 (nothing from other segments leaks in)."""
+    Q = starts.shape[1]
+    view = starts.shape + (1,) * (dcs.dim() - 2)
+    pos = torch.arange(Q, device=dcs.device)
+    later = torch.where(starts, pos, Q)  # next start strictly after k: suffix min from k + 1
+    next_start = F.pad(later.flip(1).cummin(1).values.flip(1)[:, 1:], (0, 1), value=Q)
+    suffix = torch.cat([dcs.flip(1).cumsum(1).flip(1), dcs.new_zeros(dcs[:, :1].shape)], 1)
+    tail = suffix.gather(1, next_start.view(view).expand(dcs.shape))
+    return (suffix[:, :-1] - tail) * (~starts).view(view)
+
+
+def _chain(logd: torch.Tensor, cont: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """`h_c = exp(logd_c) * cont_c * h_{c-1} + s_c` over chunks c (no autograd). logd (nc, H), cont (nc,) bool,
+    s (nc, H, F) -> h (nc, H, F); evaluated blockwise by `_segment_scan` (a reset wherever `cont` is False)."""
+    seg = (~cont).cumsum(0)
+    with torch.no_grad():
+        return _segment_scan(logd.to(s.dtype), s, seg).contiguous()
+
+
+class _FactoredScan(torch.autograd.Function):
+    """The whole chunked SSD with every chunk in the factored form, with a hand-written backward.
+
+    Per chunk (tile of Q tokens) and head, with `cs` the `_chunk_cumsum` of the log-decays `a = dt·A` and
+    `r` the middle of its range, `f = exp(cs - r)` and `g = exp(r - cs)` (so `f_i g_j = exp(cs_i - cs_j)`):
+
+        Z = M @ V,  M = same ∘ (C Bᵀ) (one (Q, Q) matrix per group),  V = g·dt·x (all heads of a group
+            side by side: (Q, R·P)),
+        S = Vᵀ @ (B ∘ last)  -> chunk end state  s_c = f_{Q-1} S (the chunk's last segment only),
+        h_c = exp(cs_{Q-1}) [chunk c continues c-1 as one segment] h_{c-1} + s_c   (`_chain`),
+        W = Z + (C ∘ first) @ (exp(r) h_{c-1})ᵀ  (the previous chunk's state, for the tokens of the chunk's
+            first segment when it continues the previous chunk; exp(r) f_i = exp(cs_i) is their decay),
+        y = f ∘ W + D x.
+
+    Everything is a batched matmul over (nc, G) or an element-wise op in the natural token-major layout;
+    only O(T·H·P) and O(T·Q) tensors are saved. `r` is a constant for autograd: every product of factors
+    that reaches `y` (f·g, f·exp(r), f_{Q-1}·g) is independent of it. Callers guarantee |cs - r| <=
+    `_FACTORED_MAX_LOG`. Shapes: x (nc, Q, G, R, P), dt (nc, Q, G, R), A (G, R), B and C (nc, Q, G, N),
+    D None, (G, R, 1) or (G, R, P); cs and r (float64) (nc, Q, G, R) and (nc, 1, G, R); same (nc, Q, Q)
+    bool; first, last (nc, Q) float; cont (nc,) bool; starts (nc, Q) bool -> y (nc, Q, G, R, P).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                D: torch.Tensor | None, cs: torch.Tensor, r: torch.Tensor, same: torch.Tensor,
+                first: torch.Tensor, last: torch.Tensor, cont: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        nc, Q, G, R = dt.shape
+        T, P = x.shape[0], x.shape[-1]
+        N = B.shape[-1]
+        f = torch.exp(cs - r).to(x.dtype)  # (nc, Q, G, R)
+        g = torch.exp(r - cs).to(x.dtype)
+        u = g * dt
+        v = x.new_empty(nc, G, Q, R, P)
+        if G == 1:  # v is token-major: write the real tokens straight from the unpadded x
+            v_tok = v.view(nc * Q, 1, R, P)
+            torch.mul(x, u.view(nc * Q, 1, R, 1)[:T], out=v_tok[:T])
+            v_tok[T:].zero_()
+        else:
+            torch.mul(_pad_tokens(x, nc * Q).view(nc, Q, G, R, P).transpose(1, 2),
+                      u.transpose(1, 2).unsqueeze(-1), out=v)
+        v3 = v.view(nc * G, Q, R * P)
+        Bg = B.transpose(1, 2).reshape(nc * G, Q, N)
+        Cg = C.transpose(1, 2).reshape(nc * G, Q, N)
+        M = torch.bmm(Cg, Bg.transpose(1, 2)).view(nc, G, Q, Q).masked_fill_(~same.unsqueeze(1), 0.0)
+        M3 = M.view(nc * G, Q, Q)
+        W = torch.bmm(M3, v3)  # (nc·G, Q, R·P); the inter-chunk term is added in place below
+        Cf = Cg.view(nc, G, Q, N) * first[:, None, :, None]
+        h = S = er = None
+        if nc > 1:
+            Bl = Bg.view(nc, G, Q, N) * last[:, None, :, None]
+            S = torch.bmm(v3.transpose(1, 2), Bl.view(nc * G, Q, N)).view(nc, G, R, P, N)  # local end states
+            f_last = f[:, -1].unsqueeze(-1).unsqueeze(-1)  # (nc, G, R, 1, 1)
+            h = _chain(cs[:, -1].reshape(nc, G * R), cont, (S * f_last).view(nc, G * R, P * N))
+            h = h.view(nc, G, R, P, N)
+            er = torch.exp(r[1:, 0]).to(x.dtype)  # (nc-1, G, R)
+            hp = (h[:-1] * er[..., None, None]).view((nc - 1) * G, R * P, N)
+            W[G:].baddbmm_(Cf[1:].view((nc - 1) * G, Q, N), hp.transpose(1, 2))
+        else:
+            hp = None
+        y = x.new_empty(nc * Q, G, R, P)
+        torch.mul(W.view(nc, G, Q, R, P), f.transpose(1, 2).unsqueeze(-1),
+                  out=y.view(nc, Q, G, R, P).transpose(1, 2))
+        y = y[:T]
+        if D is not None:
+            y.addcmul_(x, D)
+        ctx.save_for_backward(x, dt, A, B, C, D, cs, f, g, v, M, W, Cf, S, h, hp, er, same, first, last, cont,
+                              starts)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x, dt, A, B, C, D, cs, f, g, v, M, W, Cf, S, h, hp, er, same, first, last, cont,
+         starts) = ctx.saved_tensors
+        nc, Q, G, R = dt.shape
+        T, P = x.shape[0], x.shape[-1]
+        N = B.shape[-1]
+        dy = dy.contiguous()
+        dyg = _pad_tokens(dy, nc * Q).view(nc, Q, G, R, P).transpose(1, 2)  # (nc, G, Q, R, P) view
+        fg = f.transpose(1, 2).unsqueeze(-1)
+        dW = torch.mul(dyg, fg, out=dy.new_empty(nc, G, Q, R, P))
+        df = (dyg * W.view(nc, G, Q, R, P)).sum(-1)  # (nc, G, Q, R)
+        dW3 = dW.view(nc * G, Q, R * P)
+        v3 = v.view(nc * G, Q, R * P)
+        Bg = B.transpose(1, 2).reshape(nc * G, Q, N)
+        Cg = C.transpose(1, 2).reshape(nc * G, Q, N)
+        dM = torch.bmm(dW3, v3.transpose(1, 2)).view(nc, G, Q, Q).masked_fill_(~same.unsqueeze(1), 0.0)
+        dv = torch.bmm(M.view(nc * G, Q, Q).transpose(1, 2), dW3)  # (nc·G, Q, R·P)
+        dM3 = dM.view(nc * G, Q, Q)
+        dC = torch.bmm(dM3, Bg)  # (nc·G, Q, N)
+        dB = torch.bmm(dM3.transpose(1, 2), Cg)
+        dcs_last = None
+        if nc > 1:
+            # Inter-chunk term: W[c] += Cf[c] @ (exp(r_c) h_{c-1})ᵀ.
+            dW_in = dW3[G:]
+            dC.view(nc, G, Q, N)[1:] += torch.bmm(dW_in, hp).view(nc - 1, G, Q, N) * first[1:, None, :, None]
+            dhp = torch.bmm(dW_in.transpose(1, 2), Cf[1:].reshape((nc - 1) * G, Q, N))  # (·, R·P, N)
+            gh = torch.zeros_like(h)
+            gh[:-1] = dhp.view(nc - 1, G, R, P, N) * er[..., None, None]
+            # Adjoint of the chain h_c = d_c h_{c-1} + s_c, run backwards: lam_c = gh_c + d_{c+1} lam_{c+1}.
+            logd = cs[:, -1].reshape(nc, G * R)
+            logd_rev = torch.cat([logd[:1], logd.flip(0)[:-1]])  # entry k: logd[nc - k]
+            cont_rev = torch.cat([torch.zeros_like(cont[:1]), cont.flip(0)[:-1]])
+            lam = _chain(logd_rev, cont_rev, gh.view(nc, G * R, P * N).flip(0)).flip(0).view(nc, G, R, P, N)
+            d = torch.exp(logd[1:]).to(x.dtype) * cont[1:, None]  # (nc-1, G·R)
+            dlogd = (lam[1:] * h[:-1]).sum((-1, -2)).view(nc - 1, G * R) * d
+            f_last = f[:, -1].unsqueeze(-1).unsqueeze(-1)
+            dS = lam * f_last  # (nc, G, R, P, N)
+            df_last = (lam * S).sum((-1, -2))  # (nc, G, R)
+            df[:, :, -1] += df_last
+            dS3 = dS.view(nc * G, R * P, N)
+            dv.baddbmm_(Bg.view(nc, G, Q, N).mul(last[:, None, :, None]).view(nc * G, Q, N), dS3.transpose(1, 2))
+            # Masked after the product, not multiplied: for tokens outside the last segment g_j·f_{Q-1} may
+            # overflow (their pairing is meaningless), and inf · 0 would be NaN.
+            not_last = (last == 0).repeat_interleave(G, 0).unsqueeze(-1)
+            dB += torch.bmm(v3, dS3).masked_fill_(not_last, 0.0)
+            dcs_last = dlogd.view(nc - 1, G, R)
+        u = g * dt
+        if G == 1:  # token-major: the real tokens only
+            dv_tok = dv.view(nc * Q, 1, R, P)[:T]
+            du = x.new_zeros(nc * Q, 1, R)
+            torch.linalg.vecdot(dv_tok, x, out=du[:T])
+            du = du.view(nc, Q, 1, R)
+            dx = dv_tok * u.view(nc * Q, 1, R, 1)[:T]
+        else:
+            dv5 = dv.view(nc, G, Q, R, P)
+            xp = _pad_tokens(x, nc * Q).view(nc, Q, G, R, P)
+            du = (dv5 * xp.transpose(1, 2)).sum(-1).transpose(1, 2)  # (nc, Q, G, R)
+            dx = x.new_empty(nc * Q, G, R, P)
+            torch.mul(dv5, u.transpose(1, 2).unsqueeze(-1), out=dx.view(nc, Q, G, R, P).transpose(1, 2))
+            dx = dx[:T]
+        dD = None
+        if D is not None:
+            dx.addcmul_(dy, D)
+            dD = (dy * x).sum(0)
+            if D.shape[-1] == 1:
+                dD = dD.sum(-1, keepdim=True)
+        # u = g·dt, g = exp(r - cs), f = exp(cs - r)  ->  d cs = df·f - du·u, and d dt = du·g.
+        ddt = du * g
+        dcs = df.transpose(1, 2).double() * f - (du * u).double()
+        if dcs_last is not None:
+            dcs[1:, -1] += dcs_last
+        da = _chunk_cumsum_backward(dcs, starts).to(x.dtype)
+        ddt.addcmul_(da, A)
+        dA = (da * dt).sum((0, 1))
+        dB3 = dB.view(nc, G, Q, N).transpose(1, 2)
+        dC3 = dC.view(nc, G, Q, N).transpose(1, 2)
+        return dx, ddt, dA, dB3, dC3, dD, None, None, None, None, None, None, None
+
+
+def _chunk_layout(segc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-chunk token masks of the factored scan from the chunked segment ids `segc` (nc, Q).
+
+    starts: segment starts (position 0 too unless the chunk continues the previous chunk's last segment);
+    first: tokens of that continuing segment (float); last: tokens of the chunk's last segment (float);
+    cont: the whole chunk continues the previous one's segment; same: (nc, Q, Q) same segment and j <= i.
+    """
+    Q = segc.shape[1]
+    prev = torch.cat([segc[:1, :1] - 1, segc[:-1, -1:]])  # segment of each chunk's preceding token
+    starts = torch.cat([segc[:, :1] != prev, segc[:, 1:] != segc[:, :-1]], 1)
+    first = segc == prev
+    last = (segc == segc[:, -1:]).to(torch.float32)
+    tri = torch.ones(Q, Q, dtype=torch.bool, device=segc.device).tril()
+    same = tri & (segc[:, :, None] == segc[:, None, :])
+    return starts, first.to(torch.float32), last, first[:, -1].clone(), same
+
+
 def _ssd_scan_torch(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -392,17 +615,28 @@ def _ssd_scan_torch(
     x_in = x
     if pad:
         # Padded tokens form an extra segment (and have dt = 0), so they never touch real tokens.
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         seg = torch.cat([seg, (seg[-1:] + 1).expand(pad)])
+    segc = seg.view(nc, Q)
+    if _FACTORED_MAX_LOG > 0:
+        starts, first, last, cont, same = _chunk_layout(segc)
+        with torch.no_grad():
+            cs = _chunk_cumsum((dt * A).view(nc, Q, G, R), starts)
+        hi, lo = cs.amax(1, keepdim=True), cs.amin(1, keepdim=True)
+        if bool(((hi - lo) / 2 <= _FACTORED_MAX_LOG).all()):  # the usual case: one fused autograd Function
+            Dv = None if D is None else D.view(G, R, -1)
+            y = _FactoredScan.apply(x_in.view(T, G, R, P), dt.view(nc, Q, G, R), A.view(G, R),
+                                    B.view(nc, Q, G, N), C.view(nc, Q, G, N), Dv, cs, (hi + lo) / 2, same,
+                                    first, last, cont, starts)
+            return y.view(T, H, P)
+    x = _pad_tokens(x, nc * Q)
     a = (dt * A).view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q) log-decay per token
     dtc = dt.view(nc, Q, G, R).permute(0, 2, 3, 1)  # (nc, G, R, Q)
     xc = x.view(nc, Q, G, R, P).permute(0, 2, 3, 1, 4)  # (nc, G, R, Q, P); dt is folded into per-token factors
     Bg = B.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
     Cg = C.view(nc, Q, G, N).transpose(1, 2)  # (nc, G, Q, N)
-    segc = seg.view(nc, Q)
 
     # 1) Intra-chunk (quadratic) term.
     tri = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()

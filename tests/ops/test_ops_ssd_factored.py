@@ -1,8 +1,10 @@
-"""The factored intra-chunk form (`exp(cs_i - cs_j) = f_i g_j`) and its per-chunk fallback.
+"""The factored form (`exp(cs_i - cs_j) = f_i g_j`) and its fallback.
 
-`ssd_scan` uses the factored form for chunks whose log-decays span at most `2 * _FACTORED_MAX_LOG` and the
-exact per-head decay matrices for the others. Both must match the float64 token-by-token reference, a
-call that mixes both must too, and the factored gradient must not leak across segments (exactly zero).
+When every chunk's log-decays span at most `2 * _FACTORED_MAX_LOG`, `ssd_scan` runs the whole scan as one
+fused autograd Function (`_FactoredScan`, hand-written backward). Otherwise the general path runs, with the
+factored intra-chunk form where it is safe and the exact per-head decay matrices elsewhere. Every form must
+match the float64 token-by-token reference, a call that mixes forms must too, and the factored gradient
+must not leak across segments (exactly zero).
 """
 
 from __future__ import annotations
@@ -19,16 +21,23 @@ NAMES = ("x", "dt", "A", "B", "C", "D")
 
 
 class PathSpy:
-    """Counts the chunks that went through each form of the intra-chunk term."""
+    """Counts the chunks that went through each form (`fused` chunks count as factored too)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.factored = 0
+        self.fused = 0
         self.exact = 0
         real_factored, real_exact = ssd_mod._intra_chunk_factored, ssd_mod._DecayMatmul.apply
+        real_fused = ssd_mod._FactoredScan.apply
 
         def factored(a, *rest):
             self.factored += a.shape[0]
             return real_factored(a, *rest)
+
+        def fused(x, dt, *rest):
+            self.fused += dt.shape[0]
+            self.factored += dt.shape[0]
+            return real_fused(x, dt, *rest)
 
         def exact(a, cb, u, mask):
             if cb is not None:  # the intra-chunk call (the chunk-state scan passes cb=None)
@@ -36,6 +45,7 @@ class PathSpy:
             return real_exact(a, cb, u, mask)
 
         monkeypatch.setattr(ssd_mod, "_intra_chunk_factored", factored)
+        monkeypatch.setattr(ssd_mod._FactoredScan, "apply", fused)
         monkeypatch.setattr(ssd_mod._DecayMatmul, "apply", exact)
 
 
@@ -63,7 +73,7 @@ def test_mixed_call_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
                  kernel="torch")
     ref = {k: v.detach().double().requires_grad_(True) for k, v in inp.items()}
     y_ref = ssd_reference(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], offsets, ref["D"])
-    assert spy.exact == 2 and spy.factored == 7
+    assert spy.exact == 2 and spy.factored == 7 and spy.fused == 0  # one unsafe chunk: the general path
     assert rel_err(y, y_ref) <= 1e-5
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y.backward(gy.float())
@@ -105,3 +115,34 @@ def test_first_token_decay_gets_no_intra_chunk_gradient(monkeypatch: pytest.Monk
     y.pow(2).sum().backward()
     assert inp["dt"].grad[[0, 6]].abs().max() == 0
     assert inp["dt"].grad[[1, 7]].abs().max() > 0
+
+
+@pytest.mark.parametrize(("lengths", "H", "G", "P", "N", "decay", "seed"), [
+    ([62, 10], 6, 3, 1, 1, None, 1),  # found by the property test: g_j·f_{Q-1} overflows outside the last segment
+    ([40, 30, 50], 4, 1, 8, 4, 1.8, 5),  # |dt·A| in 0.9..2.7: half-spans ~45 and ~57 (60 allowed)
+    ([3, 120, 7], 4, 2, 2, 3, 1.8, 11),
+])
+def test_fused_path_near_threshold(monkeypatch: pytest.MonkeyPatch, lengths: list[int], H: int, G: int, P: int,
+                                   N: int, decay: float | None, seed: int) -> None:
+    """Wide (but still factorable) decay spans: the fused path's products of large and small factors must
+    stay finite and match the float64 reference, outputs and every gradient."""
+    spy = PathSpy(monkeypatch)
+    inp = make_ssd_inputs(lengths, H, G, P, N, "hp", torch.float32, seed=seed)
+    if decay is not None:  # dt·A = -decay · U(0.5, 1.5) per token and head
+        u = torch.rand(inp["dt"].shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+        inp["dt"] = decay * u / inp["A"].abs()
+    for v in inp.values():
+        v.requires_grad_(True)
+    offsets = offsets_of(lengths)
+    y = ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets, D=inp["D"], chunk_size=64,
+                 kernel="torch")
+    assert spy.fused > 0 and spy.exact == 0
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in inp.items()}
+    y_ref = ssd_reference(ref["x"], ref["dt"], ref["A"], ref["B"], ref["C"], offsets, ref["D"])
+    assert rel_err(y, y_ref) <= 1e-5
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    y.backward(gy.float())
+    y_ref.backward(gy)
+    for k in NAMES:
+        assert torch.isfinite(inp[k].grad).all(), k
+        assert rel_err(inp[k].grad, ref[k].grad) <= 1e-4, k
