@@ -418,12 +418,26 @@ def _chunk_cumsum_backward(dcs: torch.Tensor, starts: torch.Tensor) -> torch.Ten
     return (suffix[:, :-1] - tail) * (~starts).view(view)
 
 
-def _chain(logd: torch.Tensor, cont: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """`h_c = exp(logd_c) * cont_c * h_{c-1} + s_c` over chunks c (no autograd). logd (nc, H), cont (nc,) bool,
-    s (nc, H, F) -> h (nc, H, F); evaluated blockwise by `_segment_scan` (a reset wherever `cont` is False)."""
-    seg = (~cont).cumsum(0)
-    with torch.no_grad():
-        return _segment_scan(logd.to(s.dtype), s, seg).contiguous()
+def _chain(d: torch.Tensor, s: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """The linear recurrence over chunk states (no autograd): `h_c = d_c * h_{c-1} + s_c`, or with
+    `reverse=True` its adjoint `h_c = s_c + d_{c+1} * h_{c+1}`. d (nc, H, 1) decays (0 where the state
+    resets), s (nc, H, F) -> (nc, H, F).
+
+    A plain loop over chunks: one fused multiply-add of H·F elements each. On a CPU this beats the blockwise
+    dense form (`_segment_scan`, 16x the arithmetic) at every size measured (nc 221 to 8192: 4-8x faster).
+    """
+    h = torch.empty_like(s)
+    hs, ss, ds = h.unbind(0), s.unbind(0), d.unbind(0)
+    n = s.shape[0]
+    if reverse:
+        hs[n - 1].copy_(ss[n - 1])
+        for c in range(n - 2, -1, -1):
+            torch.addcmul(ss[c], hs[c + 1], ds[c + 1], out=hs[c])
+    else:
+        hs[0].copy_(ss[0])
+        for c in range(1, n):
+            torch.addcmul(ss[c], hs[c - 1], ds[c], out=hs[c])
+    return h
 
 
 class _FactoredScan(torch.autograd.Function):
@@ -473,13 +487,13 @@ class _FactoredScan(torch.autograd.Function):
         M3 = M.view(nc * G, Q, Q)
         W = torch.bmm(M3, v3)  # (nc·G, Q, R·P); the inter-chunk term is added in place below
         Cf = Cg.view(nc, G, Q, N) * first[:, None, :, None]
-        h = S = er = None
+        h = S = er = d = None
         if nc > 1:
             Bl = Bg.view(nc, G, Q, N) * last[:, None, :, None]
             S = torch.bmm(v3.transpose(1, 2), Bl.view(nc * G, Q, N)).view(nc, G, R, P, N)  # local end states
             f_last = f[:, -1].unsqueeze(-1).unsqueeze(-1)  # (nc, G, R, 1, 1)
-            h = _chain(cs[:, -1].reshape(nc, G * R), cont, (S * f_last).view(nc, G * R, P * N))
-            h = h.view(nc, G, R, P, N)
+            d = (torch.exp(cs[:, -1]).to(x.dtype) * cont[:, None, None]).view(nc, G * R, 1)  # chunk decays
+            h = _chain(d, (S * f_last).view(nc, G * R, P * N)).view(nc, G, R, P, N)
             er = torch.exp(r[1:, 0]).to(x.dtype)  # (nc-1, G, R)
             hp = (h[:-1] * er[..., None, None]).view((nc - 1) * G, R * P, N)
             W[G:].baddbmm_(Cf[1:].view((nc - 1) * G, Q, N), hp.transpose(1, 2))
@@ -491,23 +505,29 @@ class _FactoredScan(torch.autograd.Function):
         y = y[:T]
         if D is not None:
             y.addcmul_(x, D)
-        ctx.save_for_backward(x, dt, A, B, C, D, cs, f, g, v, M, W, Cf, S, h, hp, er, same, first, last, cont,
-                              starts)
+        ctx.save_for_backward(x, dt, A, B, C, D, f, g, v, M, W, Cf, S, h, hp, er, d, same, first, last, starts)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (x, dt, A, B, C, D, cs, f, g, v, M, W, Cf, S, h, hp, er, same, first, last, cont,
-         starts) = ctx.saved_tensors
+        x, dt, A, B, C, D, f, g, v, M, W, Cf, S, h, hp, er, d, same, first, last, starts = ctx.saved_tensors
         nc, Q, G, R = dt.shape
         T, P = x.shape[0], x.shape[-1]
         N = B.shape[-1]
         dy = dy.contiguous()
-        dyg = _pad_tokens(dy, nc * Q).view(nc, Q, G, R, P).transpose(1, 2)  # (nc, G, Q, R, P) view
-        fg = f.transpose(1, 2).unsqueeze(-1)
-        dW = torch.mul(dyg, fg, out=dy.new_empty(nc, G, Q, R, P))
-        df = (dyg * W.view(nc, G, Q, R, P)).sum(-1)  # (nc, G, Q, R)
+        dW = dy.new_empty(nc, G, Q, R, P)
+        if G == 1:  # token-major: read the real tokens of dy directly
+            dW_tok = dW.view(nc * Q, 1, R, P)
+            torch.mul(dy, f.view(nc * Q, 1, R, 1)[:T], out=dW_tok[:T])
+            dW_tok[T:].zero_()
+            df = dy.new_zeros(nc * Q, 1, R)
+            torch.linalg.vecdot(dy, W.view(nc * Q, 1, R, P)[:T], out=df[:T])
+            df = df.view(nc, Q, 1, R)
+        else:
+            dyg = _pad_tokens(dy, nc * Q).view(nc, Q, G, R, P).transpose(1, 2)  # (nc, G, Q, R, P) view
+            torch.mul(dyg, f.transpose(1, 2).unsqueeze(-1), out=dW)
+            df = (dyg * W.view(nc, G, Q, R, P)).sum(-1).transpose(1, 2)  # (nc, Q, G, R)
         dW3 = dW.view(nc * G, Q, R * P)
         v3 = v.view(nc * G, Q, R * P)
         Bg = B.transpose(1, 2).reshape(nc * G, Q, N)
@@ -526,16 +546,12 @@ class _FactoredScan(torch.autograd.Function):
             gh = torch.zeros_like(h)
             gh[:-1] = dhp.view(nc - 1, G, R, P, N) * er[..., None, None]
             # Adjoint of the chain h_c = d_c h_{c-1} + s_c, run backwards: lam_c = gh_c + d_{c+1} lam_{c+1}.
-            logd = cs[:, -1].reshape(nc, G * R)
-            logd_rev = torch.cat([logd[:1], logd.flip(0)[:-1]])  # entry k: logd[nc - k]
-            cont_rev = torch.cat([torch.zeros_like(cont[:1]), cont.flip(0)[:-1]])
-            lam = _chain(logd_rev, cont_rev, gh.view(nc, G * R, P * N).flip(0)).flip(0).view(nc, G, R, P, N)
-            d = torch.exp(logd[1:]).to(x.dtype) * cont[1:, None]  # (nc-1, G·R)
-            dlogd = (lam[1:] * h[:-1]).sum((-1, -2)).view(nc - 1, G * R) * d
+            lam = _chain(d, gh.view(nc, G * R, P * N), reverse=True).view(nc, G, R, P, N)
+            dlogd = (lam[1:] * h[:-1]).sum((-1, -2)).view(nc - 1, G * R) * d[1:, :, 0]
             f_last = f[:, -1].unsqueeze(-1).unsqueeze(-1)
             dS = lam * f_last  # (nc, G, R, P, N)
             df_last = (lam * S).sum((-1, -2))  # (nc, G, R)
-            df[:, :, -1] += df_last
+            df[:, -1] += df_last
             dS3 = dS.view(nc * G, R * P, N)
             dv.baddbmm_(Bg.view(nc, G, Q, N).mul(last[:, None, :, None]).view(nc * G, Q, N), dS3.transpose(1, 2))
             # Masked after the product, not multiplied: for tokens outside the last segment g_j·f_{Q-1} may
@@ -565,7 +581,7 @@ class _FactoredScan(torch.autograd.Function):
                 dD = dD.sum(-1, keepdim=True)
         # u = g·dt, g = exp(r - cs), f = exp(cs - r)  ->  d cs = df·f - du·u, and d dt = du·g.
         ddt = du * g
-        dcs = df.transpose(1, 2).double() * f - (du * u).double()
+        dcs = df.double() * f - (du * u).double()
         if dcs_last is not None:
             dcs[1:, -1] += dcs_last
         da = _chunk_cumsum_backward(dcs, starts).to(x.dtype)
