@@ -2,13 +2,15 @@
 
 `y_t = bias + Σ_{k=0}^{W-1} weight[:, W-1-k] * x_{t-k}` where only tokens `x_{t-k}` of the same segment
 as t count (the causal-conv1d convention: `weight[:, -1]` multiplies the current token). The torch path
-puts W-1 zero rows before every segment and sums W shifted slices of that buffer in place (a custom
-autograd Function, SiLU fused), so tokens of different segments are never mixed. On CUDA the
+sums W shifted row slices of x in place over the flat token axis, in cache-sized row blocks with bias
+and SiLU fused (a custom autograd Function), and recomputes the first W-1 rows of every segment from
+their in-segment taps only, so tokens of different segments are never mixed. On CUDA the
 `causal_conv1d` package is used when installed.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 from typing import Any
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 # conv and `ssd_scan`; "causal_conv1d" insists on the CUDA kernel and raises when it cannot be used.
 CONV_KERNELS = ("auto", "torch", "mamba", "causal_conv1d")
 ACTIVATIONS = (None, "silu", "swish")
+# Elements per row block of the torch path (rows = this // C): a block of x, the output and the backward
+# scratch stay in L2 while the W taps, bias and SiLU run over it.
+_BLOCK_ELEMS = 1 << 18
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,72 +67,125 @@ def _cuda_kernel_unusable_reason(x: torch.Tensor, weight: torch.Tensor) -> str |
     return None
 
 
-def _scatter_rows(x: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
-    """A (length, C) buffer with `x[i]` at row `rows[i]` and zeros in every other row (only those are
-    zero-filled: `rows` is increasing, so the others are the gaps between consecutive entries)."""
-    out = x.new_empty(length, x.shape[1])
-    out.index_copy_(0, rows, x)
-    gap = torch.ones(length, dtype=torch.bool, device=x.device)
-    gap[rows] = False
-    out[gap] = 0
-    return out
+def _block_bounds(T: int, W: int, C: int) -> list[tuple[int, int]]:
+    """Row blocks `[s, e)` covering rows W-1..T-1 (rows below W-1 are all segment heads), each of about
+    `_BLOCK_ELEMS` elements so that a block of x, of the output and of the scratch stays in cache."""
+    rows = max(1, _BLOCK_ELEMS // max(C, 1))
+    return [(s, min(s + rows, T)) for s in range(W - 1, T, rows)]
 
 
-def _column_dots(dy: torch.Tensor, xp: torch.Tensor, W: int, rows_per_block: int = 1024) -> torch.Tensor:
-    """`out[c, W-1-k] = Σ_o dy[o, c] · xp[o + W-1-k, c]` (the weight gradient), over blocks of rows so the
-    products stay in cache instead of W full-size temporaries."""
-    n = dy.shape[0]
-    out = dy.new_zeros(dy.shape[1], W)
-    for s in range(0, n, rows_per_block):
-        e = min(s + rows_per_block, n)
-        blk = dy[s:e]
-        for k in range(W):
-            out[:, W - 1 - k] += (blk * xp[s + W - 1 - k: e + W - 1 - k]).sum(0)
-    return out
+def _segment_heads(offsets: torch.Tensor, W: int) -> tuple[torch.Tensor, ...]:
+    """The rows within W-1 tokens of their segment's start ("heads", increasing) and their in-segment taps.
+
+    Returns `head` (H,) and, one entry per (head row i, tap k <= its position in the segment),
+    `pair_row` (index into `head`), `pair_src = head[pair_row] - k` and `pair_tap = W-1-k` (the weight
+    column). Only O(S·W²) indices: the flat taps are wrong only at these rows.
+    """
+    starts = offsets[:-1]
+    j = torch.arange(W - 1, device=offsets.device, dtype=torch.int64)
+    keep = j < (offsets[1:] - starts).unsqueeze(1)  # (S, W-1): row start+j exists in its segment
+    head = (starts.unsqueeze(1) + j)[keep]
+    pos = j.expand_as(keep)[keep]
+    taps = j <= pos.unsqueeze(1)  # (H, W-1): taps 0..pos stay inside the segment
+    pair_row = torch.arange(head.numel(), device=offsets.device).unsqueeze(1).expand_as(taps)[taps]
+    k = j.expand_as(taps)[taps]
+    return head, pair_row, head[pair_row] - k, (W - 1) - k
+
+
+def _flat_taps(x: torch.Tensor, wT: torch.Tensor, bias: torch.Tensor | None, s: int, e: int,
+               out: torch.Tensor) -> None:
+    """`out = bias + Σ_k wT[W-1-k] * x[s-k:e-k]` (needs s >= W-1): the conv over the flat token axis."""
+    W = wT.shape[0]
+    if bias is None:
+        torch.mul(x[s:e], wT[W - 1], out=out)
+    else:
+        torch.addcmul(bias, x[s:e], wT[W - 1], out=out)
+    for k in range(1, W):
+        out.addcmul_(x[s - k: e - k], wT[W - 1 - k])
 
 
 class _VarlenConv(torch.autograd.Function):
     """Segment-resetting causal depthwise conv (+ optional SiLU) with a hand-written backward.
 
-    Every segment is preceded by W-1 zero rows in one padded (T + S·(W-1), C) buffer, so each tap is a
-    plain shifted slice (no per-tap mask or `where`), and the W taps are accumulated in place
-    (`addcmul_`) into one output buffer; backward does the same in the transposed direction. About half
-    the full-size passes of autograd over masked shifted copies. Saves the padded input and the
-    pre-activation (recomputing the SiLU derivative from it).
+    The W taps run over the flat token axis (in-place `addcmul_` on shifted row slices of x, no padded
+    copy, x may be a strided view), in row blocks that stay in cache with the bias and SiLU fused per
+    block. That is exact for every row at least W-1 tokens into its segment; the few "head" rows
+    (`_segment_heads`) are then overwritten with their in-segment taps from a small gather, so no row
+    ever reads another segment's token. Backward zeroes the activation gradient of the head rows in
+    each block before the flat transposed taps and the weight-gradient products (so a non-head row
+    only reaches its own segment) and adds the head rows' exact contributions from the same small
+    gather; no gradient crosses a segment boundary. The weight gradient accumulates the products of
+    every tap in one (rows, W, C) buffer with one `addcmul_` per block and is summed once at the end.
+    Saves x (no copy), the pre-activation when SiLU is applied, and the small head gathers.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
-                padded_len: int, silu: bool) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                offsets: torch.Tensor, silu: bool) -> torch.Tensor:
+        T, C = x.shape
         W = weight.shape[1]
-        xp = _scatter_rows(x, rows, padded_len)
-        y = torch.mul(xp[W - 1:], weight[:, W - 1])  # output row o <-> padded input row o + W - 1
-        for k in range(1, W):
-            y.addcmul_(xp[W - 1 - k: padded_len - k], weight[:, W - 1 - k])
-        if bias is not None:
-            y.add_(bias)
-        pre = y.index_select(0, rows - (W - 1))
-        ctx.save_for_backward(xp, weight, rows, pre)
+        wT = weight.t().contiguous()  # (W, C): a contiguous broadcast row is much faster than a column
+        head, pair_row, pair_src, pair_tap = _segment_heads(offsets, W)
+        y = x.new_empty(T, C)
+        pre = x.new_empty(T, C) if silu else y
+        for s, e in _block_bounds(T, W, C):
+            _flat_taps(x, wT, bias, s, e, pre[s:e])
+            if silu:
+                torch.ops.aten.silu.out(pre[s:e], out=y[s:e])
+        xs = x.index_select(0, pair_src)
+        pre_h = x.new_zeros(head.numel(), C) if bias is None else bias.expand(head.numel(), C).clone()
+        pre_h.index_add_(0, pair_row, xs * wT.index_select(0, pair_tap))
+        if silu:
+            pre.index_copy_(0, head, pre_h)
+        y.index_copy_(0, head, F.silu(pre_h) if silu else pre_h)
+        ctx.save_for_backward(x, wT, pre if silu else None, head, pair_row, pair_src, pair_tap, xs)
         ctx.has_bias, ctx.silu = bias is not None, silu
-        return F.silu(pre) if silu else pre
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        xp, weight, rows, pre = ctx.saved_tensors
-        W = weight.shape[1]
-        padded_len = xp.shape[0]
+        x, wT, pre, head, pair_row, pair_src, pair_tap, xs = ctx.saved_tensors
+        T, C = x.shape
+        W = wT.shape[0]
+        blocks = _block_bounds(T, W, C)
+        rows = blocks[0][1] - blocks[0][0] if blocks else 0
+        dx = x.new_empty(T, C)
+        dx[: W - 1].zero_()
+        g = x.new_empty(rows, C)
+        acc_w = x.new_empty(rows, W, C)  # per-row partial weight gradients (the first block initialises)
+        acc_b = x.new_empty(rows, C) if ctx.has_bias else None
+        head_list = head.tolist()
+        for i, (s, e) in enumerate(blocks):
+            gb = g[: e - s]
+            if ctx.silu:
+                torch.ops.aten.silu_backward.grad_input(grad[s:e], pre[s:e], grad_input=gb)
+            else:
+                gb.copy_(grad[s:e])
+            h0, h1 = bisect.bisect_left(head_list, s), bisect.bisect_left(head_list, e)
+            if h1 > h0:
+                gb.index_fill_(0, head[h0:h1] - s, 0)
+            torch.mul(gb, wT[W - 1], out=dx[s:e])  # rows < s were written by the previous block
+            for k in range(1, W):
+                dx[s - k: e - k].addcmul_(gb, wT[W - 1 - k])
+            xu = x[s - W + 1: e].unfold(0, W, 1).transpose(1, 2)  # (rows, W, C): xu[r, j] = x[s+r-(W-1)+j]
+            if i == 0:
+                torch.mul(gb.unsqueeze(1), xu, out=acc_w[: e - s])
+                if acc_b is not None:
+                    acc_b[: e - s].copy_(gb)
+            else:
+                acc_w[: e - s].addcmul_(gb.unsqueeze(1), xu)
+                if acc_b is not None:
+                    acc_b[: e - s].add_(gb)
+        gh = grad.index_select(0, head)
         if ctx.silu:
-            grad = torch.ops.aten.silu_backward(grad, pre)
-        dy = _scatter_rows(grad, rows - (W - 1), padded_len - W + 1)
-        dxp = torch.empty_like(xp)
-        dxp[: W - 1].zero_()
-        torch.mul(dy, weight[:, W - 1], out=dxp[W - 1:])
-        for k in range(1, W):
-            dxp[W - 1 - k: padded_len - k].addcmul_(dy, weight[:, W - 1 - k])
-        dweight = _column_dots(dy, xp, W)
-        dbias = grad.sum(0) if ctx.has_bias else None
-        return dxp.index_select(0, rows), dweight, dbias, None, None, None
+            gh = torch.ops.aten.silu_backward(gh, pre.index_select(0, head))
+        gp = gh.index_select(0, pair_row)
+        dx.index_add_(0, pair_src, gp * wT.index_select(0, pair_tap))
+        dwT = acc_w.sum(0)
+        dwT.index_add_(0, pair_tap, gp * xs)
+        dbias = acc_b.sum(0) + gh.sum(0) if acc_b is not None else None
+        return dx, dwT.t().contiguous(), dbias, None, None
 
 
 def varlen_causal_conv1d(
@@ -164,13 +222,12 @@ def varlen_causal_conv1d(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     validate_offsets(offsets, T)
-    seg = segment_ids(offsets, T)
 
     if kernel != "torch":
         reason = _cuda_kernel_unusable_reason(x, weight)
         if reason is None:
             fn = _load_causal_conv1d()
-            seq_idx = seg.to(torch.int32).unsqueeze(0).contiguous()
+            seq_idx = segment_ids(offsets, T).to(torch.int32).unsqueeze(0).contiguous()
             # (1, C, T) view of a contiguous (T, C) buffer = the channel-last layout seq_idx requires.
             xt = x.contiguous().T.unsqueeze(0)
             act = None if activation is None else "silu"
@@ -184,9 +241,6 @@ def varlen_causal_conv1d(
             logger.debug("varlen_causal_conv1d: falling back to torch (%s)", reason)
 
     cdtype = torch.promote_types(x.dtype, torch.float32)
-    W = weight.shape[1]
-    rows = torch.arange(T, device=x.device, dtype=torch.int64) + (W - 1) * (seg + 1)  # in the padded buffer
-    padded_len = T + (W - 1) * (offsets.numel() - 1)
-    y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), rows,
-                          padded_len, activation is not None)
+    y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
+                          activation is not None)
     return y.to(x.dtype)

@@ -1,7 +1,9 @@
 """`varlen_causal_conv1d` (torch path) against a per-segment `F.conv1d` loop with left zero padding.
 
 Error metric: `rel_err(a, b) = max|a - b| / max|b|` (see `ops_reference.rel_err`); fp32 implementation vs
-a float64 reference on the same inputs.
+a float64 reference on the same inputs. The torch path runs the taps over the flat token axis in row blocks
+of `_BLOCK_ELEMS // C` rows and recomputes the first W-1 rows of each segment: the small tests see one
+block, so `test_many_row_blocks` shrinks the blocks to a few rows (segments and heads across block edges).
 """
 
 from __future__ import annotations
@@ -12,17 +14,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops_reference import conv_reference, offsets_of, rel_err
 
+import ssd4rec_torchrec.ops.conv as conv_mod
 from ssd4rec_torchrec.ops import varlen_causal_conv1d
 
 OUT_TOL = 1e-6
 GRAD_TOL = 1e-4  # gradients are sums over tokens (dw, db cancel); same bound the SSD scan uses
 
 
-def check_conv(lengths: list[int], C: int, W: int, with_bias: bool, activation: str | None, seed: int = 0) -> dict:
-    """fp32 conv vs float64 per-segment reference: outputs and gradients of x, weight, bias."""
+def check_conv(lengths: list[int], C: int, W: int, with_bias: bool, activation: str | None, seed: int = 0,
+               extra_cols: int = 0) -> dict:
+    """fp32 conv vs float64 per-segment reference: outputs and gradients of x, weight, bias.
+
+    `extra_cols > 0` passes x as a column slice of a wider leaf (strided rows, as the mixer's split of the
+    input projection does); its gradient must then be zero outside the slice.
+    """
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
-    x = torch.randn(T, C, generator=g, requires_grad=True)
+    base = torch.randn(T, C + extra_cols, generator=g, requires_grad=True)
+    lo = extra_cols // 2
+    x = base[:, lo: lo + C] if extra_cols else base
     w = torch.randn(C, W, generator=g, requires_grad=True)
     b = torch.randn(C, generator=g, requires_grad=True) if with_bias else None
     offsets = offsets_of(lengths)
@@ -37,9 +47,11 @@ def check_conv(lengths: list[int], C: int, W: int, with_bias: bool, activation: 
         gy = torch.randn(T, C, generator=g, dtype=torch.float64)
         y.backward(gy.float())
         y_ref.backward(gy)
-        pairs = [("dx", x, xr), ("dw", w, wr)] + ([("db", b, br)] if b is not None else [])
-        for name, t, tr in pairs:
-            errs[name] = rel_err(t.grad, tr.grad)
+        pairs = [("dw", w.grad, wr), ("db", None if b is None else b.grad, br)]
+        for name, t, tr in [("dx", base.grad[:, lo: lo + C], xr)] + (pairs if b is not None else pairs[:1]):
+            errs[name] = rel_err(t, tr.grad)
+        if extra_cols:
+            assert not base.grad[:, :lo].any() and not base.grad[:, lo + C:].any()
         assert all(v <= GRAD_TOL for k, v in errs.items() if k != "y"), errs
     return errs
 
@@ -58,6 +70,54 @@ def test_boundaries_at_block_edges(boundary: int) -> None:
     check_conv([boundary, 3, boundary], 8, 4, True, "silu", seed=boundary)
     check_conv([boundary], 8, 4, False, None, seed=boundary + 1)
     check_conv([1, boundary - 1, 2], 8, 4, True, None, seed=boundary + 2)
+
+
+@pytest.mark.parametrize("block_elems", [1, 8, 24, 40, 8 * 7])
+@pytest.mark.parametrize(("W", "activation", "with_bias"), [(4, "silu", True), (4, None, False), (2, "silu", False),
+                                                             (1, None, True), (5, "silu", True)])
+def test_many_row_blocks(monkeypatch: pytest.MonkeyPatch, block_elems: int, W: int, activation: str | None,
+                         with_bias: bool) -> None:
+    """Row blocks of 1, 1, 3, 5 and 7 rows (C=8): the flat taps and the transposed taps cross block edges,
+    segment heads fall at and across them, and the per-block weight/bias-gradient buffers accumulate."""
+    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", block_elems)
+    lengths = [1, 2, 9, 0, 3, 1, 17, 4, 1, 11]
+    check_conv(lengths, 8, W, with_bias, activation, seed=block_elems + W)
+    check_conv(lengths, 8, W, with_bias, activation, seed=block_elems + W + 1, extra_cols=5)
+
+
+@pytest.mark.parametrize("extra_cols", [1, 132])
+def test_strided_column_slice_input(extra_cols: int) -> None:
+    """x as a column slice of a wider tensor (read in place, not copied): same values and gradients."""
+    check_conv([37, 1, 2, 60, 5], 12, 4, True, "silu", seed=extra_cols, extra_cols=extra_cols)
+
+
+@pytest.mark.parametrize("block_elems", [8, 1 << 18])
+def test_segments_never_see_each_other(monkeypatch: pytest.MonkeyPatch, block_elems: int) -> None:
+    """Non-finite tokens and gradients in one segment leave every other segment's outputs and input
+    gradients bit-identical (nothing of the other segment is added, not even times zero)."""
+    monkeypatch.setattr(conv_mod, "_BLOCK_ELEMS", block_elems)
+    lengths, C, W = [6, 2, 5, 1, 9], 8, 4
+    off = offsets_of(lengths)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(sum(lengths), C, generator=g)
+    w, b = torch.randn(C, W, generator=g), torch.randn(C, generator=g)
+    gy0 = torch.randn(sum(lengths), C, generator=g)
+    outs = []
+    for poison in (False, True):
+        x, gy = x0.clone(), gy0.clone()
+        for s in (1, 3):  # segments 1 (length 2) and 3 (length 1)
+            if poison:
+                x[off[s]: off[s + 1]] = float("nan")
+                x[off[s]] = float("inf")
+                gy[off[s]: off[s + 1]] = float("nan")
+        x.requires_grad_()
+        y = varlen_causal_conv1d(x, w, b, off, activation="silu", kernel="torch")
+        y.backward(gy)
+        outs.append((y.detach(), x.grad))
+    keep = torch.cat([torch.arange(int(off[s]), int(off[s + 1])) for s in (0, 2, 4)])
+    for clean, poisoned in zip(outs[0], outs[1]):
+        assert torch.equal(clean[keep], poisoned[keep])
+        assert torch.isfinite(clean).all()
 
 
 @settings(max_examples=40, deadline=None)
