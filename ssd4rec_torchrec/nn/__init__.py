@@ -1,8 +1,10 @@
-"""Pure-torch SSD4Rec modules on packed (jagged) sequences: SSD mixer, Bi-SSD layer, encoder.
+"""Pure-torch SSD4Rec modules on packed (jagged) sequences: SSD mixer, Bi-SSD layer, encoder
+(and a CPU-fast `Dropout` they all use).
 
 No TorchRec import here; the kernels come from `ssd4rec_torchrec.ops` (mamba-ssm only lazily, there).
 """
 
+from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.encoder import BiSSDEncoder, EncoderConfig, init_official_
 from ssd4rec_torchrec.nn.layers import BiSSDLayer, PositionwiseFeedForward
 from ssd4rec_torchrec.nn.mixer import GatedRMSNorm, SSDMixer, gated_rms_norm
@@ -10,6 +12,7 @@ from ssd4rec_torchrec.nn.mixer import GatedRMSNorm, SSDMixer, gated_rms_norm
 __all__ = [
     "BiSSDEncoder",
     "BiSSDLayer",
+    "Dropout",
     "EncoderConfig",
     "GatedRMSNorm",
     "PositionwiseFeedForward",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.encoder import init_official_
 from ssd4rec_torchrec.ops import segment_ids
 
@@ -170,11 +171,11 @@ class TransformerBlock(nn.Module):
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model, eps=ln_eps)
         self.ffn_in = nn.Linear(d_model, ffn_mult * d_model)
         self.ffn_out = nn.Linear(ffn_mult * d_model, d_model)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model, eps=ln_eps)
 
     def forward(self, h: torch.Tensor, plan: JaggedAttentionPlan, causal: bool) -> torch.Tensor:
@@ -236,7 +237,7 @@ class JaggedTransformerEncoder(nn.Module):
         self.max_chunk_elems = max_chunk_elems
         self.position_embedding = nn.Embedding(max_positions, d_model)
         self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps) if norm_embedding else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         p_attn = dropout if attn_dropout is None else attn_dropout
         self.layers = nn.ModuleList(
             TransformerBlock(d_model, n_heads, dropout, p_attn, ffn_mult, ln_eps) for _ in range(n_layers)

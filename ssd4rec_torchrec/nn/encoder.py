@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.layers import BiSSDLayer
 from ssd4rec_torchrec.ops import reverse_segments_index, segment_positions
 
@@ -124,7 +125,7 @@ class BiSSDEncoder(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.position_embedding = nn.Embedding(max_positions, d_model) if positional == "learned" else None
         if norm_embedding:
-            self.dropout = nn.Dropout(dropout if embedding_dropout is None else embedding_dropout)
+            self.dropout = Dropout(dropout if embedding_dropout is None else embedding_dropout)
             self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps)
         self.layers = nn.ModuleList(
             BiSSDLayer(

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.mixer import SSDMixer
 from ssd4rec_torchrec.ops import reverse_segments_index
 
@@ -25,7 +26,7 @@ class PositionwiseFeedForward(nn.Module):
         self.w_2 = nn.Linear(inner_size, d_model)
         self.activation = nn.GELU()
         self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.w_2(self.dropout(self.activation(self.w_1(h))))
@@ -69,7 +70,7 @@ class BiSSDLayer(nn.Module):
         self.forward_ssd = SSDMixer(d_model, **mixer_kwargs)
         self.backward_ssd = None if share_backward_weights else SSDMixer(d_model, **mixer_kwargs)
         self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ffn = PositionwiseFeedForward(d_model, ffn_mult * d_model, dropout=dropout, ln_eps=ln_eps)
 
     def directions(
