@@ -4,6 +4,7 @@ Never imports torchrec; mamba-ssm and causal-conv1d are imported lazily, only wh
 """
 
 from ssd4rec_torchrec.ops.conv import causal_conv1d_available, varlen_causal_conv1d
+from ssd4rec_torchrec.ops.norm import fused_gated_rms_norm
 from ssd4rec_torchrec.ops.segments import (
     offsets_from_lengths,
     reverse_segments_index,
@@ -15,6 +16,7 @@ from ssd4rec_torchrec.ops.ssd import mamba_ssd_available, ssd_scan
 
 __all__ = [
     "causal_conv1d_available",
+    "fused_gated_rms_norm",
     "mamba_ssd_available",
     "offsets_from_lengths",
     "reverse_segments_index",
