@@ -9,6 +9,7 @@ encoder's modules) in branch-free tensor ops:
 
 - segment ids by ``searchsorted`` over the offsets (no ``repeat_interleave`` output size, empty segments fine);
 - the causal conv as W shifted slices of a front-padded copy (no loop bound on T);
+- the gated RMSNorm as its plain formula (the training op works over blocks of rows);
 - the SSD scan in the chunked dual form with the model's chunk size, the token axis padded to whole chunks
   (padding is its own segment), and the recurrence over chunk end states solved densely as one
   ``(nc, nc)`` decay matrix per head (nc = chunks; at serving batch sizes a few hundred at most);
@@ -124,6 +125,15 @@ def ssd_scan_dense_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     return y
 
 
+def _gated_rms_norm(norm: nn.Module, x: Tensor, z: Tensor) -> Tensor:
+    """``GatedRMSNorm`` in plain tensor ops (the training op works over row blocks, a loop bound on T)."""
+    if not norm.norm_before_gate:
+        x = x * F.silu(z)
+    groups = x.unflatten(-1, (-1, norm.group_size))
+    out = (groups * torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + norm.eps)).flatten(-2) * norm.weight
+    return out * F.silu(z) if norm.norm_before_gate else out
+
+
 def _mixer(m: SSDMixer, x: Tensor, seg: Tensor, n_segments: int, pos: Tensor) -> Tensor:
     """``SSDMixer.forward`` (fp32 between the projections) with the branch-free conv and scan."""
     z, xBC, dt = torch.split(m.in_proj(x).float(), [m.d_inner, m.conv_dim, m.nheads], dim=-1)
@@ -137,7 +147,7 @@ def _mixer(m: SSDMixer, x: Tensor, seg: Tensor, n_segments: int, pos: Tensor) ->
     y = ssd_scan_dense_chunks(xs.unflatten(-1, (m.nheads, m.headdim)), dt, A, B.unflatten(-1, (m.ngroups, m.d_state)),
                               C.unflatten(-1, (m.ngroups, m.d_state)), seg, n_segments, D, m.chunk_size)
     y = y.flatten(-2)
-    y = m.norm(y, z) if m.rmsnorm else y * F.silu(z)
+    y = _gated_rms_norm(m.norm, y, z) if m.rmsnorm else y * F.silu(z)
     return m.out_proj(y.to(x.dtype))
 
 

@@ -11,7 +11,72 @@ from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.mixer import SSDMixer
 from ssd4rec_torchrec.ops import reverse_segments_index
 
-__all__ = ["BiSSDLayer", "PositionwiseFeedForward"]
+__all__ = ["BiSSDLayer", "PositionwiseFeedForward", "reverse_rows"]
+
+
+# Segment reversal is an involution (rev[rev] = identity), so the gradient of a gather by `rev` is the same
+# gather: no scatter-add (autograd's default backward for `x[rev]`) is needed. The Functions below use that.
+
+
+class _ReverseRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rev)
+        return x.index_select(0, rev)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rev,) = ctx.saved_tensors
+        return grad.index_select(0, rev), None
+
+
+def reverse_rows(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """`x[rev]` for a self-inverse `rev` (`reverse_segments_index`), with a gather (not a scatter) as backward."""
+    return _ReverseRows.apply(x, rev)
+
+
+class _StackReversed(torch.autograd.Function):
+    """(T, C) -> (2T, C) `cat([x, x[rev]])` in one buffer; backward `g[:T] + g[T:][rev]`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rev)
+        n = x.shape[0]
+        out = x.new_empty((2 * n, *x.shape[1:]))
+        out[:n].copy_(x)
+        torch.index_select(x, 0, rev, out=out[n:])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rev,) = ctx.saved_tensors
+        n = grad.shape[0] // 2
+        return grad[n:].index_select(0, rev).add_(grad[:n]), None
+
+
+class _AddDirections(torch.autograd.Function):
+    """(2T, C) -> (T, C) `y[:T] + beta * y[T:][rev]` (`rev=None`: no reversal); backward writes one buffer."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, rev: torch.Tensor | None, beta: float) -> torch.Tensor:
+        if rev is not None:
+            ctx.save_for_backward(rev)
+        ctx.beta, ctx.flip = beta, rev is not None
+        n = y.shape[0] // 2
+        bwd = y[n:] if rev is None else y[n:].index_select(0, rev)
+        return torch.add(y[:n], bwd, alpha=beta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        n = grad.shape[0]
+        out = grad.new_empty((2 * n, *grad.shape[1:]))
+        out[:n].copy_(grad)
+        if ctx.flip:
+            (rev,) = ctx.saved_tensors
+            torch.index_select(grad, 0, rev, out=out[n:]).mul_(ctx.beta)
+        else:
+            torch.mul(grad, ctx.beta, out=out[n:])
+        return out, None, None
 
 
 class PositionwiseFeedForward(nn.Module):
@@ -41,14 +106,16 @@ class BiSSDLayer(nn.Module):
     `flip_back=True` (position t gets the backward summary of t..end of its segment) and `R' = R` when
     `flip_back=False`, which is the official code's behaviour: position t receives the backward output of
     the mirrored position `s + e - t`. With `share_backward_weights=True` (official) one mixer serves both
-    directions.
+    directions, and its per-token projections run once for both: `in_proj(x[rev]) = in_proj(x)[rev]`, and
+    `out_proj` is affine, so `F + beta * R' = out_proj(y_f + beta * y_b') (+ beta * bias)` with `y` the
+    mixer core's outputs; only the conv, scan and norm (`SSDMixer.mix`) run on both directions.
 
     `mixer_kwargs` go to `SSDMixer` (d_state, headdim, chunk_size, kernel, ...).
     """
 
-    # Shared weights and T <= this: both directions run as one packed call of 2T tokens (5-15% faster on
-    # CPU for small batches); above it they run one after the other, which halves the scan's transient
-    # memory (identical results either way).
+    # Shared weights and T <= this: both directions' mixer cores run as one packed call of 2T tokens (5-15%
+    # faster on CPU for small batches); above it they run one after the other, which halves the scan's
+    # transient memory (identical results either way).
     fuse_directions_max_tokens: int = 16384
 
     def __init__(
@@ -73,31 +140,65 @@ class BiSSDLayer(nn.Module):
         self.dropout = Dropout(dropout)
         self.ffn = PositionwiseFeedForward(d_model, ffn_mult * d_model, dropout=dropout, ln_eps=ln_eps)
 
+    def _shares_projections(self) -> bool:
+        # isinstance: tests may swap in stand-in mixers that only have `forward`.
+        return self.backward_ssd is None and isinstance(self.forward_ssd, SSDMixer)
+
+    def _cores(self, zx: torch.Tensor, offsets: torch.Tensor, rev: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Shared mixer core on both directions of `zx = in_proj(x)`.
+
+        Fused: `((2T, d_inner) [y_f; y_b],)`; sequential: `(y_f, y_b)`; `y_b` in reversed token order.
+        """
+        m = self.forward_ssd
+        n_tok = zx.shape[0]
+        if n_tok <= self.fuse_directions_max_tokens:
+            both_offsets = torch.cat([offsets, offsets[1:] + n_tok])
+            return (m.mix(_StackReversed.apply(zx, rev), both_offsets),)
+        return m.mix(zx, offsets), m.mix(reverse_rows(zx, rev), offsets)
+
     def directions(
         self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(F, R')`: forward mixer output and the (optionally flipped back) backward output."""
+        """Return `(F, R')`: forward mixer output and the (optionally flipped back) backward output.
+
+        `forward` only needs `F + beta * R'`, which it computes with one `out_proj` (see `mixed`).
+        """
         n_tok = x.shape[0]
         rev = reverse_segments_index(offsets, n_tok) if rev_index is None else rev_index
-        x_rev = x[rev]
-        if self.backward_ssd is None and n_tok <= self.fuse_directions_max_tokens:
-            both_offsets = torch.cat([offsets, offsets[1:] + n_tok])
-            both = self.forward_ssd(torch.cat([x, x_rev]), both_offsets)
-            fwd, bwd = both[:n_tok], both[n_tok:]
+        if self._shares_projections():
+            m = self.forward_ssd
+            ys = self._cores(m.project_in(x), offsets, rev)
+            fwd, bwd = (ys[0][:n_tok], ys[0][n_tok:]) if len(ys) == 1 else ys
+            fwd, bwd = m.project_out(fwd), m.project_out(bwd)
         else:
             fwd = self.forward_ssd(x, offsets)
-            bwd = (self.forward_ssd if self.backward_ssd is None else self.backward_ssd)(x_rev, offsets)
+            bwd = (self.forward_ssd if self.backward_ssd is None else self.backward_ssd)(reverse_rows(x, rev), offsets)
         if self.flip_back:
-            bwd = bwd[rev]
+            bwd = reverse_rows(bwd, rev)
         return fwd, bwd
+
+    def mixed(self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`F + beta * R'` (beta > 0); shared weights: `in_proj` and `out_proj` run once, on T tokens."""
+        if not self._shares_projections():
+            fwd, bwd = self.directions(x, offsets, rev_index)
+            return fwd + self.beta * bwd
+        n_tok = x.shape[0]
+        rev = reverse_segments_index(offsets, n_tok) if rev_index is None else rev_index
+        m = self.forward_ssd
+        ys = self._cores(m.project_in(x), offsets, rev)
+        if len(ys) == 1:
+            y = _AddDirections.apply(ys[0], rev if self.flip_back else None, self.beta)
+        else:
+            y_f, y_b = ys
+            y = y_f + self.beta * (reverse_rows(y_b, rev) if self.flip_back else y_b)
+        return m.project_out(y, 1.0 + self.beta)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
         """`rev_index`: precomputed `reverse_segments_index(offsets)` (the encoder shares it across layers)."""
         if self.beta == 0:  # forward only: a causal layer, and the backward scan is not computed at all
             h = self.dropout(self.LayerNorm(self.forward_ssd(x, offsets) + x))
             return self.ffn(h)
-        fwd, bwd = self.directions(x, offsets, rev_index)
-        h = self.dropout(self.LayerNorm(fwd + self.beta * bwd + x))
+        h = self.dropout(self.LayerNorm(self.mixed(x, offsets, rev_index) + x))
         return self.ffn(h)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd4rec_torchrec.ops import ssd_scan, varlen_causal_conv1d
+from ssd4rec_torchrec.ops import fused_gated_rms_norm, ssd_scan, varlen_causal_conv1d
 
 __all__ = ["GatedRMSNorm", "SSDMixer", "gated_rms_norm"]
 
@@ -32,19 +32,10 @@ def gated_rms_norm(
     """Grouped RMSNorm with an optional SiLU gate, as `mamba_ssm`'s `rms_norm_ref` (fp32 inside).
 
     `norm_before_gate=False` (Mamba2 default): `RMSNorm(x * silu(z)) * weight`; otherwise
-    `RMSNorm(x) * weight * silu(z)`. Statistics are per group of `group_size` channels.
+    `RMSNorm(x) * weight * silu(z)`. Statistics are per group of `group_size` channels. Runs as one autograd
+    Function with a hand-written, row-blocked backward (`ssd4rec_torchrec.ops.norm`).
     """
-    dtype = x.dtype
-    xf = x.float()
-    zf = z.float() if z is not None else None
-    if zf is not None and not norm_before_gate:
-        xf = xf * F.silu(zf)
-    groups = xf.unflatten(-1, (-1, group_size))
-    rstd = torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + eps)
-    out = (groups * rstd).flatten(-2) * weight.float()
-    if zf is not None and norm_before_gate:
-        out = out * F.silu(zf)
-    return out.to(dtype)
+    return fused_gated_rms_norm(x, weight, z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate)
 
 
 class GatedRMSNorm(nn.Module):
@@ -143,24 +134,37 @@ class SSDMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Mix tokens within each segment `offsets[s]:offsets[s+1]` of the flat input `x` (T, d_model)."""
-        T = x.shape[0]
-        zxbcdt = self.in_proj(x)
-        # Everything between the two projections runs in fp32 whatever the autocast dtype: the scan
-        # exponentiates cumulative sums of dt*A, which bf16 cannot resolve (Mamba's kernels also compute
-        # conv, scan and norm in fp32 and only store activations in low precision).
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            z, xBC, dt = torch.split(zxbcdt.float(), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-            conv_b = None if self.conv1d.bias is None else self.conv1d.bias.float()
+        return self.project_out(self.mix(self.project_in(x), offsets))
+
+    # The three stages of `forward`, public so that `BiSSDLayer` can run the per-token projections once for
+    # both directions of a shared mixer (they commute with the token reversal) and only the core twice.
+
+    def project_in(self, x: torch.Tensor) -> torch.Tensor:
+        """`in_proj`: (T, d_model) -> (T, d_in_proj) `[z, x, B, C, dt]`, in the caller's (autocast) dtype."""
+        return self.in_proj(x)
+
+    def mix(self, zxbcdt: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Conv + SiLU, SSD scan with D skip and gated norm: `project_in` output -> (T, d_inner).
+
+        Computed and returned in fp32 (float64 stays float64) whatever the autocast dtype: the scan
+        exponentiates cumulative sums of dt*A, which bf16 cannot resolve (Mamba's kernels also compute
+        conv, scan and norm in fp32 and only store activations in low precision).
+        """
+        T = zxbcdt.shape[0]
+        dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
+        with torch.autocast(device_type=zxbcdt.device.type, enabled=False):
+            z, xBC, dt = torch.split(zxbcdt.to(dtype), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+            conv_b = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
             # (conv_dim, d_conv); column -1 multiplies the current token, as in causal_conv1d.
             xBC = varlen_causal_conv1d(
-                xBC, self.conv1d.weight.float().squeeze(1), conv_b, offsets, activation="silu", kernel=self.kernel
+                xBC, self.conv1d.weight.to(dtype).squeeze(1), conv_b, offsets, activation="silu", kernel=self.kernel
             )
             xs, B, C = torch.split(
                 xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
             )
-            dt = F.softplus(dt + self.dt_bias.float())
-            A = -torch.exp(self.A_log.float())
-            D = self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()
+            dt = F.softplus(dt + self.dt_bias.to(dtype))
+            A = -torch.exp(self.A_log.to(dtype))
+            D = self.D.to(dtype).view(self.nheads, self.headdim) if self.D_has_hdim else self.D.to(dtype)
             y = ssd_scan(
                 xs.reshape(T, self.nheads, self.headdim),
                 dt,
@@ -172,8 +176,16 @@ class SSDMixer(nn.Module):
                 chunk_size=self.chunk_size,
                 kernel=self.kernel,
             ).reshape(T, self.d_inner)
-            y = self.norm(y, z) if self.rmsnorm else y * F.silu(z)
-        return self.out_proj(y)
+            return self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+
+    def project_out(self, y: torch.Tensor, bias_scale: float = 1.0) -> torch.Tensor:
+        """`out_proj` (under the caller's autocast), its bias multiplied by `bias_scale`.
+
+        `out_proj` is affine, so `out_proj(a) + beta * out_proj(b) == project_out(a + beta * b, 1 + beta)`.
+        """
+        if bias_scale == 1.0 or self.out_proj.bias is None:
+            return self.out_proj(y)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias * bias_scale)
 
     def extra_repr(self) -> str:
         return (
