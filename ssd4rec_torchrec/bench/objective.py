@@ -50,10 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def epoch_tokens(loader: Any) -> int:
     """Encoder input tokens of the loader's rank in epoch 0, after max_history truncation (exact)."""
     users, cuts = loader._examples(loader.rank, 0)  # the loader's own epoch plan (same seed and order)
-    m = loader.spec.max_history or 2**40
-    if loader.spec.objective in ("cloze", "next"):
-        return int(np.minimum(loader.train_lengths[users], m).sum())
-    return int(np.minimum(cuts, m).sum())
+    return int(loader.example_tokens(users, cuts).sum())
 
 
 class _Trainer:

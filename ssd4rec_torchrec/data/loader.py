@@ -115,13 +115,11 @@ class TrainLoader:
         self.train_lengths = np.diff(split.train_offsets)
         self.num_users = len(self.train_lengths)
 
-    def _rank_users(self, rank: int) -> np.ndarray:
-        return np.arange(rank, self.num_users, self.world, dtype=np.int64)
-
-    def _examples(self, rank: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(user, cut) pairs of one rank for one epoch, shuffled. ``cut`` = prefix length (prefix) or 0."""
-        users = self._rank_users(rank)
-        rng = np.random.default_rng([self.seed, epoch, rank, 1])
+    def _global_examples(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """All (user, cut) pairs of one epoch, shuffled the same way on every rank. ``cut`` = prefix length
+        (prefix) or 0."""
+        users = np.arange(self.num_users, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch, 1])
         if self.spec.objective in ("cloze", "next"):
             ex_users, cuts = users, np.zeros(len(users), dtype=np.int64)
         else:
@@ -138,17 +136,57 @@ class TrainLoader:
         order = rng.permutation(len(ex_users))
         return ex_users[order], cuts[order]
 
-    def _count(self, rank: int) -> int:
-        users = self._rank_users(rank)
+    def example_tokens(self, users: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+        """Encoder input tokens of each example (after ``max_history`` truncation)."""
+        m = self.spec.max_history or 2**40
+        if self.spec.objective == "cloze":
+            return np.minimum(self.train_lengths[users], m)
+        if self.spec.objective == "next":
+            return np.minimum(self.train_lengths[users], m + 1) - 1
+        return np.minimum(cuts, m)
+
+    def _count(self) -> int:
+        """Examples of one epoch over all ranks."""
         if self.spec.objective in ("cloze", "next"):
-            return len(users)
-        n = np.maximum(self.train_lengths[users] - 1, 0)
+            return self.num_users
+        n = np.maximum(self.train_lengths - 1, 0)
         if self.spec.prefixes_per_user == "all":
             return int(n.sum())
         return int((n > 0).sum()) * int(self.spec.prefixes_per_user)
 
     def steps_per_epoch(self) -> int:
-        return min(math.ceil(self._count(r) / self.spec.batch_size) for r in range(self.world))
+        """Global batches of ``batch_size x world_size`` examples; a last partial one counts if every rank
+        gets at least one example of it."""
+        full, rest = divmod(self._count(), self.spec.batch_size * self.world)
+        return full + (rest >= self.world)
+
+    def _examples(self, rank: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(user, cut) pairs of one rank for one epoch, in step order (``batch_size`` per step).
+
+        Every step takes the next ``batch_size x world_size`` examples of the shared shuffle and deals them
+        to the ranks in a snake order of decreasing length (0, 1, .., W-1, W-1, .., 0, 0, ..), so each rank
+        gets ``batch_size`` examples and nearly the same number of tokens (within one example's length):
+        the ranks of a variable-length batch then reach the collectives together instead of the lighter
+        ones waiting for the heaviest.
+        """
+        users, cuts = self._global_examples(epoch)
+        per_step, W = self.spec.batch_size * self.world, self.world
+        steps = self.steps_per_epoch()
+        n_used = min(len(users), steps * per_step)
+        users, cuts = users[:n_used], cuts[:n_used]
+        tokens = self.example_tokens(users, cuts)
+        rank_of = np.empty(n_used, dtype=np.int64)
+        full = n_used // per_step
+        for start, rows, width in ((0, full, per_step), (full * per_step, 1, n_used - full * per_step)):
+            if rows == 0 or width == 0:
+                continue
+            block = np.arange(start, start + rows * width).reshape(rows, width)
+            by_length = np.take_along_axis(block, np.argsort(-tokens[block], axis=1, kind="stable"), axis=1)
+            i = np.arange(width)
+            snake = np.where((i // W) % 2 == 0, i % W, W - 1 - i % W)
+            rank_of[by_length] = snake  # broadcast over the rows
+        mine = np.flatnonzero(rank_of == rank)  # shuffle order inside each step
+        return users[mine], cuts[mine]
 
     def tokens_per_epoch(self) -> int:
         """Input tokens this rank encodes per epoch (before max_history truncation when 'all')."""
@@ -161,7 +199,7 @@ class TrainLoader:
         users, cuts = self._examples(self.rank, epoch)
         bs, steps = self.spec.batch_size, self.steps_per_epoch()
         for step in range(start_step, steps):
-            sl = slice(step * bs, (step + 1) * bs)
+            sl = slice(step * bs, (step + 1) * bs)  # the last step may hold fewer
             rng = np.random.default_rng([self.seed, epoch, self.rank, 2, step])
             yield self._batch(users[sl], cuts[sl], rng)
 

@@ -84,15 +84,35 @@ def test_cloze_masks_and_targets():
     assert batch.features["target"].lengths().tolist() == [sum(v == mask for v in h) for h in hists]
 
 
-def test_users_split_across_ranks_with_equal_steps():
+@pytest.mark.parametrize(("objective", "world", "batch"), [("prefix", 3, 16), ("prefix", 2, 7), ("cloze", 2, 4),
+                                                           ("cloze", 3, 5)])
+def test_examples_dealt_to_ranks_once_with_equal_steps_and_balanced_tokens(objective, world, batch):
+    """Every example of the epoch goes to exactly one rank (none twice, only a last global batch too small
+    to give each rank one example is left out), all ranks run the same number of steps, and the ranks'
+    token counts in each step differ by at most the longest example of that step."""
     split, _offsets, _items, n = _split(seed=6, users=41)
-    spec = LoaderSpec(objective="prefix", prefixes_per_user="all", batch_size=16)
-    loaders = [TrainLoader(split, n, spec, seed=0, rank=r, world_size=3) for r in range(3)]
-    steps = [sum(1 for _ in ld.epoch(0)) for ld in loaders]
-    assert len(set(steps)) == 1 and steps[0] == loaders[0].steps_per_epoch()
-    for r, ld in enumerate(loaders):
-        for b in ld.epoch(0):
-            assert set(b.users.tolist()) <= set(range(r, 41, 3))
+    spec = LoaderSpec(objective=objective, prefixes_per_user="all", mask_prob=0.3, batch_size=batch)
+    loaders = [TrainLoader(split, n, spec, seed=0, rank=r, world_size=world) for r in range(world)]
+    per_rank = [list(ld.epoch(0)) for ld in loaders]
+    steps = loaders[0].steps_per_epoch()
+    assert all(len(b) == steps for b in per_rank) and steps > 1
+    train_len = np.diff(split.train_offsets)
+    if objective == "prefix":  # one example per (user, prefix length); the history is that prefix
+        every = {(u, c) for u in range(len(train_len)) for c in range(1, train_len[u])}
+        seen = [(int(u), int(c)) for bs in per_rank for b in bs
+                for u, c in zip(b.users.tolist(), b.features["history"].lengths().tolist(), strict=True)]
+    else:
+        every = {(u, 0) for u in range(len(train_len))}
+        seen = [(int(u), 0) for bs in per_rank for b in bs for u in b.users.tolist()]
+    assert len(seen) == len(set(seen)) and set(seen) <= every
+    assert len(every) - len(seen) < world  # at most a too-small last global batch is left out
+    for step in range(steps):
+        batches = [bs[step] for bs in per_rank]
+        tokens = [int(b.features["history"].lengths().sum()) for b in batches]
+        longest = max(int(b.features["history"].lengths().max()) for b in batches)
+        assert max(tokens) - min(tokens) <= longest
+        if step < steps - 1:
+            assert all(len(b.users) == batch for b in batches)
 
 
 @pytest.mark.parametrize("objective", ["prefix", "cloze"])
