@@ -19,6 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from .data.batches import FEATURES, SeqBatch, make_batch
 from .data.preprocess import FIRST_ITEM_INDEX, table_rows
+from .losses import full_softmax_cross_entropy
 from .nn import BiSSDEncoder
 from .nn.baselines import BERT4RecEncoder, SASRecEncoder
 from .train.config import LossSection, ModelSection
@@ -105,8 +106,9 @@ class RetrievalLoss(nn.Module):
                 catalog_emb: torch.Tensor, neg_ids: torch.Tensor, neg_logq: torch.Tensor,
                 target_logq: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if self.cfg.name == "full":
-            logits = user @ catalog_emb.T  # catalog rows = items 1..num_items
-            per_row = F.cross_entropy(logits.float(), targets - FIRST_ITEM_INDEX, reduction="none")
+            # catalog rows = items 1..num_items; = F.cross_entropy(user @ catalog_emb.T, ...) per row, with one
+            # (R, I) buffer and a hand-written backward (``losses``).
+            per_row = full_softmax_cross_entropy(user, catalog_emb, targets - FIRST_ITEM_INDEX)
         else:
             per_row = sampled_softmax_loss(user, target_emb, targets, neg_emb, neg_ids, neg_logq, target_logq,
                                            self.cfg)
