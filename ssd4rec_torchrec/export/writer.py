@@ -337,11 +337,6 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
     dmp, _ = build_dmp(SSD4Rec(ds.num_items, cfg.model, cfg.loss, device="meta"), cfg.train, ctx)
     load_checkpoint(path, dmp, None, rank=ctx.rank, restore_rng=False)
     dmp.module.eval()
-    if getattr(dmp.module.encoder, "autocast", "none") != "none":
-        # The tower computes in fp32 (bf16 autocast is a training speed option), so the reference does too.
-        log.info("model.autocast=%s is a training option: the tower and its eager reference run in fp32",
-                 dmp.module.encoder.autocast)
-        dmp.module.encoder.autocast = "none"
     # Eager reference vectors for the parity check: the lookup is collective, so every rank runs one batch.
     batch = next(iter(eval_batches(split, ds.num_items, "test", objective=cfg.objective.name,
                                    batch_users=parity_users, max_history=cfg.objective.max_history,

@@ -53,7 +53,7 @@ class EncoderConfig:
     ln_eps: float = 1e-12
     kernel: str = "auto"
     gradient_checkpointing: bool = False  # recompute each layer in backward (memory for long packed batches)
-    autocast: Literal["none", "bf16"] = "none"  # bf16 autocast for the layers' matmuls (output stays fp32)
+    autocast: Literal["none", "bf16"] = "none"  # training: bf16 autocast for the layers' matmuls (output fp32)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,8 +169,10 @@ class BiSSDEncoder(nn.Module):
         if self.norm_embedding:
             h = self.LayerNorm(self.dropout(h))
         rev = reverse_segments_index(offsets, T)  # shared by all layers
-        # bf16 autocast runs the projections and the FFN in bf16; the mixers keep conv, scan and norm in fp32.
-        with torch.autocast(device_type=h.device.type, dtype=torch.bfloat16, enabled=self.autocast == "bf16"):
+        # bf16 autocast (training only: a speed option) runs the projections and the FFN in bf16; the mixers keep
+        # conv, scan and norm in fp32. Evaluation and export run fp32, so offline metrics are those served.
+        bf16 = self.autocast == "bf16" and self.training
+        with torch.autocast(device_type=h.device.type, dtype=torch.bfloat16, enabled=bf16):
             for layer in self.layers:
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     # Keeps only each layer's input; the layer (dropout masks included) is replayed in backward.

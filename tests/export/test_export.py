@@ -227,8 +227,8 @@ def test_no_aoti_fp32_only_and_force(run_dir, bundle, tmp_path):
 
 
 def test_bf16_trained_run_exports_in_fp32(tmp_path):
-    """`model.autocast: bf16` only speeds up training: the export's eager reference runs in fp32 like the
-    tower, so parity holds to the usual tolerance."""
+    """`model.autocast: bf16` only speeds up training: in eval mode the encoder runs fp32, so the export's eager
+    reference matches the fp32 tower to the usual tolerance."""
     run = tmp_path / "run"
     subprocess.run([sys.executable, "apps/train.py", "--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL,
                     "model.autocast=bf16"], cwd=REPO, env=_env(), check=True, capture_output=True, timeout=900)
@@ -236,7 +236,6 @@ def test_bf16_trained_run_exports_in_fp32(tmp_path):
     res = subprocess.run([sys.executable, "apps/export.py", "--run", str(run), "--out", str(out), "--no-aoti",
                           "--dtypes", "fp32"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "run in fp32" in res.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["user_tower"]["parity_max_abs_diff"]["exported"] <= TOL
 

@@ -155,11 +155,12 @@ def test_bf16_autocast_close_to_fp32() -> None:
 
 
 def test_autocast_option_runs_the_layers_in_bf16() -> None:
-    """`autocast="bf16"`: the input LayerNorm in fp32, the layers under bf16 autocast (same numbers as
-    running them by hand in an autocast context, different from fp32), output in the input's dtype."""
+    """`autocast="bf16"` in training: the input LayerNorm in fp32, the layers under bf16 autocast (same numbers
+    as running them by hand in an autocast context, different from fp32), output in the input's dtype. In
+    eval mode (evaluation, export) it runs fp32: exactly the fp32 result."""
     from ssd4rec_torchrec.ops import reverse_segments_index
 
-    enc = make_encoder(32, headdim=16).eval()
+    enc = make_encoder(32, headdim=16).train()  # dropout is 0: train mode is deterministic
     offsets = offsets_from_lengths([17, 60, 3])
     x = torch.randn(80, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -171,8 +172,10 @@ def test_autocast_option_runs_the_layers_in_bf16() -> None:
                 h = layer(h, offsets, rev)
         enc.autocast = "bf16"
         inner = enc(x, offsets)
+        evaluated = enc.eval()(x, offsets)
     assert inner.dtype == torch.float32 and torch.equal(inner, h.float()) and not torch.equal(inner, ref)
     assert (inner - ref).abs().max() < 0.1
+    assert torch.equal(evaluated, ref)
     with pytest.raises(ValueError, match="autocast"):
         BiSSDEncoder(16, 1, autocast="fp8")
 
