@@ -201,6 +201,9 @@ def test_train_quick_two_ranks(runs: _Runs) -> None:
     assert floor["scan_free"] and floor["ranks"] == 2 and res["scan_free_epoch_seconds"] == floor["epoch_seconds"]
     assert len(floor["replaced_scan_calls"]) == 2 and min(floor["replaced_scan_calls"]) >= 2
     assert row["replaced_scan_calls"] is None
+    assert [(m["ranks"], m["scan_free"], m["runs"]) for m in res["summary"]] == [(2, False, 1), (2, True, 1)]
+    assert res["summary"][0]["epoch_seconds_median"] == row["epoch_seconds"] and res["repeat"] == 1
+    assert row["extrapolated"] is (row["steps_run"] < row["steps_per_epoch"])
     assert not list(out.glob("train-*"))  # run directories removed
 
 
