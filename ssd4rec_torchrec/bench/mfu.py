@@ -13,12 +13,14 @@ d_in_proj = 2 d_inner + 2GN + H, one mixer pass costs per token::
     ssd_cb        2 G Q N          (C B^T inside each chunk, the full Q x Q block)
     ssd_intra     2 d_inner Q      (decay-masked (Q, Q) @ (Q, P) per head)
     ssd_states    2 d_inner N      (chunk end states, (P, Q) @ (Q, N) per head)
-    ssd_passing   2 d_inner N K/Q  (state recurrence over chunks, dense blocks of K = 16 chunks)
+    ssd_passing   2 d_inner N/Q    (state recurrence over chunks: one multiply-add per state element per chunk)
     ssd_offdiag   2 d_inner N      (previous state read out by C)
     out_proj      2 d_inner d
 
-A Bi-SSD layer runs the mixer twice (both directions) plus the FFN (2 matmuls, 4 ffn_mult d^2 per token);
-layer norms are not counted. Forward = n_layers x layer; a training step = 3 x forward (backward ~ 2 x forward:
+A Bi-SSD layer runs the mixer core (conv + SSD) twice (both directions), the per-token projections once (with
+shared weights `in_proj` commutes with the reversal and `out_proj` is affine, so `BiSSDLayer` computes them
+once for both directions), plus the FFN (2 matmuls, 4 ffn_mult d^2 per token); layer norms are not counted.
+Forward = n_layers x layer; a training step = 3 x forward (backward ~ 2 x forward:
 one matmul for each input's gradient and one for each weight's).
 
 The measured step is the `encoder` suite's (official sizes by default, realistic packed length mix). With
@@ -49,7 +51,6 @@ log = logging.getLogger(__name__)
 
 FULL = {"dims": [64, 256], "tokens": 16384, "repeats": 3, "gemm_size": 4096, "gemm_repeats": 3}
 QUICK = {"dims": [32], "tokens": 512, "repeats": 1, "gemm_size": 256, "gemm_repeats": 2}
-SCAN_BLOCK = 16  # ssd4rec_torchrec.ops.ssd._SCAN_BLOCK: chunk states are combined in dense blocks of this many
 TARGET_MFU = 0.40
 
 
@@ -83,7 +84,6 @@ def bissd_flops_per_token(
     ngroups: int = 1,
     chunk_size: int = 256,
     ffn_mult: int = 4,
-    scan_block: int = SCAN_BLOCK,
 ) -> dict[str, float]:
     """Forward FLOPs per token of a Bi-SSD encoder by term (see the module docstring), plus totals.
 
@@ -100,13 +100,14 @@ def bissd_flops_per_token(
         "ssd_cb": 2.0 * g * q * n,
         "ssd_intra": 2.0 * d_inner * q,
         "ssd_states": 2.0 * d_inner * n,
-        "ssd_passing": 2.0 * d_inner * n * scan_block / q,
+        "ssd_passing": 2.0 * d_inner * n / q,
         "ssd_offdiag": 2.0 * d_inner * n,
         "out_proj": 2.0 * d_inner * d,
     }
     mixer = sum(terms.values())
     ffn = 2.0 * 2.0 * d * ffn_mult * d
-    layer = 2.0 * mixer + ffn  # both directions share the mixer weights but both are computed
+    projections = terms["in_proj"] + terms["out_proj"]
+    layer = 2.0 * (mixer - projections) + projections + ffn  # core twice (both directions), projections once
     forward = n_layers * layer
     return {**terms, "mixer": mixer, "ffn": ffn, "layer": layer, "forward": forward, "train_step": 3.0 * forward}
 
