@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         load_per_step = float(np.mean(load_s[1:len(times) + 1]))
         rows.append({
             "objective": name, "prefixes_per_user": spec.prefixes_per_user if spec.objective == "prefix" else None,
-            "examples_per_epoch": loader._count(0), "steps_per_epoch": n_steps, "tokens_per_epoch": tokens,
+            "examples_per_epoch": len(loader._examples(loader.rank, 0)[0]), "steps_per_epoch": n_steps,
+            "tokens_per_epoch": tokens,
             "tokens_per_epoch_untruncated": loader.tokens_per_epoch(), "timed_steps": len(times),
             "timed_tokens": sum(toks), "step_seconds": times, "tokens_per_s": sum(toks) / sum(times),
             "seconds_per_epoch": sec_per_token * tokens,
