@@ -457,9 +457,10 @@ class _FactoredScan(torch.autograd.Function):
     Everything is a batched matmul over (nc, G) or an element-wise op in the natural token-major layout;
     only O(T·H·P) and O(T·Q) tensors are saved. `r` is a constant for autograd: every product of factors
     that reaches `y` (f·g, f·exp(r), f_{Q-1}·g) is independent of it. Callers guarantee |cs - r| <=
-    `_FACTORED_MAX_LOG`. Shapes: x (nc, Q, G, R, P), dt (nc, Q, G, R), A (G, R), B and C (nc, Q, G, N),
-    D None, (G, R, 1) or (G, R, P); cs and r (float64) (nc, Q, G, R) and (nc, 1, G, R); same (nc, Q, Q)
-    bool; first, last (nc, Q) float; cont (nc,) bool; starts (nc, Q) bool -> y (nc, Q, G, R, P).
+    `_FACTORED_MAX_LOG`. Shapes: x (T, G, R, P) unpadded, dt (nc, Q, G, R) padded with zeros, A (G, R),
+    B and C (nc, Q, G, N), D None, (G, R, 1) or (G, R, P); cs and r (float64) (nc, Q, G, R) and
+    (nc, 1, G, R); same (nc, Q, Q) bool; first, last (nc, Q) float; cont (nc,) bool; starts (nc, Q) bool
+    -> y (T, G, R, P).
     """
 
     @staticmethod
