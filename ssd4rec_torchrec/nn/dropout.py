@@ -6,6 +6,12 @@ feeds four elements: on CPU `random_()` fills int64 with `random64() % 2**63`, i
 bit that is always 0, so each 16-bit field keeps only its low 15 bits (all uniform; the top one would be
 biased) and drops when they fall below `round(p * 2**15)`. The mask is applied as a 0/scale factor in x's dtype
 (multiplying by a bool tensor takes PyTorch's slow promotion path). Backward saves only the bool mask.
+
+With the native CPU kernels (`ops.native`, built on first use) fp32/fp64 inputs take a fused path instead:
+one pass draws 15 bits per element from a counter-based hash of (a seed from torch's generator, element
+index), compares, writes the mask and the scaled output (5-6x faster forward and backward). Same rate, same
+quantisation and scaling, different random stream; it still follows `torch.manual_seed` and the generator
+state (one 63-bit draw per call), and does not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ssd4rec_torchrec.ops.native import native_ops
 
 __all__ = ["Dropout", "dropout", "quantized_drop_probability"]
 
@@ -57,6 +65,27 @@ class _MaskedScale(torch.autograd.Function):
         return _apply_mask(grad, mask, ctx.scale), None, None
 
 
+class _NativeDropout(torch.autograd.Function):
+    """The fused kernel: `x * keep * scale` with the keep mask drawn inside it; backward from the bool mask."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+        seed = int(torch.empty((), dtype=torch.int64).random_())  # 63 bits from torch's default generator
+        y, mask = native_ops().dropout_forward(x, seed, threshold, scale)
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return native_ops().scale_by_mask(grad, mask, ctx.scale), None, None
+
+
+def _native_ok(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float32, torch.float64) and native_ops() is not None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout: identity unless `training` and `p > 0`; else drops with probability
     `quantized_drop_probability(p)` and scales kept values by exactly `1 / (1 - quantized_drop_probability(p))`.
@@ -75,6 +104,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if threshold == _LEVELS:  # p rounds to 1: everything dropped (keeps the graph, like nn.Dropout(1.0))
         return x * 0.0
     scale = 1.0 / (1.0 - threshold / _LEVELS)  # exactly the documented factor
+    if _native_ok(x):
+        return _NativeDropout.apply(x, threshold, scale)
     return _MaskedScale.apply(x, _keep_mask(x.shape, threshold), scale)
 
 

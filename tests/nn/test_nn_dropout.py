@@ -1,4 +1,7 @@
-"""`nn.dropout.Dropout`: the CPU mask from integer random bits behaves as inverted dropout at the quantised rate."""
+"""`nn.dropout.Dropout`: the CPU mask from integer random bits behaves as inverted dropout at the quantised rate.
+
+Every test runs on both CPU paths: the fused native kernel (`ops.native`) and the pure-torch one.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,19 @@ import torch
 from torch import nn
 
 from ssd4rec_torchrec.nn import BERT4RecEncoder, BiSSDEncoder, Dropout
+from ssd4rec_torchrec.nn import dropout as dropout_module
 from ssd4rec_torchrec.nn.dropout import dropout, quantized_drop_probability
+from ssd4rec_torchrec.ops.native import native_ops
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with the native kernel, then with the pure-torch path (native_ops() -> None)."""
+    if request.param == "torch":
+        monkeypatch.setattr(dropout_module, "native_ops", lambda: None)
+    elif native_ops() is None:
+        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
+    return request.param
 
 
 def _positive(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -101,3 +116,40 @@ def test_models_use_it() -> None:
     for enc in (BiSSDEncoder(16, 2, d_state=16, headdim=8, chunk_size=32), BERT4RecEncoder(16, 2, n_heads=2)):
         drops = [m for m in enc.modules() if isinstance(m, nn.Dropout)]
         assert drops and all(type(m) is Dropout for m in drops)
+
+
+def test_path_really_switches(cpu_path: str) -> None:
+    """The fixture is not a no-op: the native path draws from a different stream than the torch path."""
+    x = _positive(4096)
+    torch.manual_seed(4)
+    out = dropout(x, 0.5)
+    torch.manual_seed(4)
+    mask = (torch.empty(1024, dtype=torch.int64).random_().view(torch.int16).bitwise_and(2**15 - 1) >= 2**14)
+    assert torch.equal(out != 0, mask) == (cpu_path == "torch")
+
+
+def test_mask_does_not_depend_on_thread_count() -> None:
+    x = _positive(300, 1001)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(5)
+            outs.append(Dropout(0.3).train()(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_non_contiguous_input_and_gradient() -> None:
+    torch.manual_seed(6)
+    base = _positive(64, 40).requires_grad_(True)
+    x = base.t()  # (40, 64) non-contiguous view
+    out = Dropout(0.25).train()(x)
+    kept = out != 0
+    scale = 1.0 / (1.0 - quantized_drop_probability(0.25))
+    assert out.shape == x.shape and torch.equal(out[kept], (x * scale)[kept].detach())
+    g = torch.randn(64, 40).t()  # non-contiguous upstream gradient
+    out.backward(g)
+    assert torch.equal(base.grad.t(), torch.where(kept, g * scale, torch.zeros_like(g)))

@@ -1,0 +1,85 @@
+"""Fused CPU kernels (``ops/csrc/cpu_kernels.cpp``), compiled on first use and cached; pure torch otherwise.
+
+Some CPU hot spots are chains of element-wise passes that PyTorch cannot fuse in eager mode (dropout: a
+random draw, a comparison, a cast and two multiplies per element). The C++ file does them in one pass.
+:func:`native_ops` builds it once per machine with ``torch.utils.cpp_extension`` (``-O3 -march=native``; the
+build directory is keyed by the source, the flags, the torch version and the CPU's feature flags, so a cached
+build is never reused on a different CPU) and returns ``torch.ops.ssd4rec_cpu``. When it cannot (no C++
+compiler, ``SSD4REC_NATIVE=0``, a failed build) it logs one warning and returns None, and every caller keeps
+its pure-torch path, which is also the reference the tests compare the kernels with.
+
+``python -m ssd4rec_torchrec.ops.native`` builds it ahead of time (``make setup`` does; training also calls
+:func:`native_ops` before its first step so that a build never counts as training time).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["NATIVE_ENV", "build_directory", "native_ops"]
+
+log = logging.getLogger(__name__)
+
+NATIVE_ENV = "SSD4REC_NATIVE"  # "0": never build or use the native kernels
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+CFLAGS = ["-O3", "-march=native"]
+LIBRARY = "ssd4rec_cpu"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_directory() -> Path:
+    """Where the build is cached: ``$SSD4REC_CACHE/native/<key>`` (default cache ``~/.cache/ssd4rec_torchrec``)."""
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, _cpu_flags(),
+                                    sys.version]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SSD4REC_CACHE", Path.home() / ".cache" / "ssd4rec_torchrec"))
+    return root / "native" / key
+
+
+@functools.lru_cache(maxsize=1)
+def native_ops() -> Any | None:
+    """``torch.ops.ssd4rec_cpu`` (building the library on first use), or None when it is unavailable."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        log.info("native CPU kernels disabled (%s=0): pure-torch paths", NATIVE_ENV)
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        out = build_directory()
+        out.mkdir(parents=True, exist_ok=True)
+        # The `ninja` that requirements.txt installs lives next to this interpreter; put it on PATH for the build.
+        bin_dir = str(Path(sys.executable).parent)
+        if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(out),
+             is_python_module=False, verbose=False)
+        return getattr(torch.ops, LIBRARY)
+    except Exception as exc:  # no compiler, no ninja, a failed build: fall back, once, loudly
+        log.warning("native CPU kernels unavailable, using pure-torch paths (%s: %s)", type(exc).__name__,
+                    str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+        return None
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Never fails: without the kernels everything still runs (slower), and the warning above says why.
+    ops = native_ops()
+    print(f"native CPU kernels: {'ready in ' + str(build_directory()) if ops is not None else 'unavailable'}")
