@@ -35,23 +35,51 @@ def reverse_rows(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
     return _ReverseRows.apply(x, rev)
 
 
+def _stack_reversed(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
+    """`cat([x, x[rev]])` written into one buffer."""
+    n = x.shape[0]
+    out = x.new_empty((2 * n, *x.shape[1:]))
+    out[:n].copy_(x)
+    torch.index_select(x, 0, rev, out=out[n:])
+    return out
+
+
 class _StackReversed(torch.autograd.Function):
     """(T, C) -> (2T, C) `cat([x, x[rev]])` in one buffer; backward `g[:T] + g[T:][rev]`."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(rev)
-        n = x.shape[0]
-        out = x.new_empty((2 * n, *x.shape[1:]))
-        out[:n].copy_(x)
-        torch.index_select(x, 0, rev, out=out[n:])
-        return out
+        return _stack_reversed(x, rev)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (rev,) = ctx.saved_tensors
         n = grad.shape[0] // 2
         return grad[n:].index_select(0, rev).add_(grad[:n]), None
+
+
+class _StackReversedSplit(torch.autograd.Function):
+    """(T, C) -> the column blocks (widths `sizes`) of `cat([x, x[rev]])` (2T rows), views of one buffer.
+
+    Backward writes the (T, C) gradient column block by column block, `g[:T] + g[T:][rev]` each, so the blocks'
+    gradients are never concatenated into a (2T, C) tensor (what autograd's `split` backward would do).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(rev)
+        ctx.sizes = sizes
+        return tuple(_stack_reversed(x, rev).split(sizes, 1))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (rev,) = ctx.saved_tensors
+        n = rev.shape[0]
+        dx = grads[0].new_empty(n, sum(ctx.sizes))
+        for g, block in zip(grads, dx.split(ctx.sizes, 1), strict=True):
+            torch.add(g[:n], g[n:].index_select(0, rev), out=block)
+        return dx, None, None
 
 
 class _AddDirections(torch.autograd.Function):
@@ -153,7 +181,7 @@ class BiSSDLayer(nn.Module):
         n_tok = zx.shape[0]
         if n_tok <= self.fuse_directions_max_tokens:
             both_offsets = torch.cat([offsets, offsets[1:] + n_tok])
-            return (m.mix(_StackReversed.apply(zx, rev), both_offsets),)
+            return (m.mix_parts(*_StackReversedSplit.apply(zx, rev, m.split_sizes), both_offsets),)
         return m.mix(zx, offsets), m.mix(reverse_rows(zx, rev), offsets)
 
     def directions(

@@ -150,17 +150,29 @@ class SSDMixer(nn.Module):
         exponentiates cumulative sums of dt*A, which bf16 cannot resolve (Mamba's kernels also compute
         conv, scan and norm in fp32 and only store activations in low precision).
         """
-        T = zxbcdt.shape[0]
-        dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
-        with torch.autocast(device_type=zxbcdt.device.type, enabled=False):
-            z, xBC, dt = torch.split(zxbcdt.to(dtype), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        return self.mix_parts(*self.split_sizes_of(zxbcdt), offsets)
+
+    @property
+    def split_sizes(self) -> list[int]:
+        """Column widths of `project_in`'s output: `[z, xBC, dt]`."""
+        return [self.d_inner, self.conv_dim, self.nheads]
+
+    def split_sizes_of(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(zxbcdt, self.split_sizes, dim=-1)
+
+    def mix_parts(self, z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`mix` on the three column blocks of `project_in`'s output (callers that produce them as separate
+        tensors avoid autograd concatenating their gradients)."""
+        T = z.shape[0]
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z, xBC, dt = z.to(dtype), xBC.to(dtype), dt.to(dtype)
             conv_b = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
-            # (conv_dim, d_conv); column -1 multiplies the current token, as in causal_conv1d.
-            xBC = varlen_causal_conv1d(
-                xBC, self.conv1d.weight.to(dtype).squeeze(1), conv_b, offsets, activation="silu", kernel=self.kernel
-            )
-            xs, B, C = torch.split(
-                xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1
+            # (conv_dim, d_conv); column -1 multiplies the current token, as in causal_conv1d. Returned as the
+            # [x, B, C] column blocks (the conv's backward joins their gradients itself).
+            xs, B, C = varlen_causal_conv1d(
+                xBC, self.conv1d.weight.to(dtype).squeeze(1), conv_b, offsets, activation="silu", kernel=self.kernel,
+                split=[self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state],
             )
             dt = F.softplus(dt + self.dt_bias.to(dtype))
             A = -torch.exp(self.A_log.to(dtype))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -121,7 +122,7 @@ class _VarlenConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                offsets: torch.Tensor, silu: bool) -> torch.Tensor:
+                offsets: torch.Tensor, silu: bool, split: tuple[int, ...] | None) -> Any:
         T, C = x.shape
         W = weight.shape[1]
         wT = weight.t().contiguous()  # (W, C): a contiguous broadcast row is much faster than a column
@@ -139,12 +140,12 @@ class _VarlenConv(torch.autograd.Function):
             pre.index_copy_(0, head, pre_h)
         y.index_copy_(0, head, F.silu(pre_h) if silu else pre_h)
         ctx.save_for_backward(x, wT, pre if silu else None, head, pair_row, pair_src, pair_tap, xs)
-        ctx.has_bias, ctx.silu = bias is not None, silu
-        return y
+        ctx.has_bias, ctx.silu, ctx.split = bias is not None, silu, split
+        return y if split is None else tuple(y.split(split, 1))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, wT, pre, head, pair_row, pair_src, pair_tap, xs = ctx.saved_tensors
         T, C = x.shape
         W = wT.shape[0]
@@ -153,15 +154,21 @@ class _VarlenConv(torch.autograd.Function):
         dx = x.new_empty(T, C)
         dx[: W - 1].zero_()
         g = x.new_empty(rows, C)
+        if ctx.split is None:
+            (grad,) = grads
+            grad_rows = grad.__getitem__
+        else:  # the column blocks' gradients are joined per row block, in cache (never a (T, C) concatenation)
+            joined = x.new_empty(rows, C)
+            grad_rows = lambda r: torch.cat([gi[r] for gi in grads], 1, out=joined[: r.stop - r.start])
         acc_w = x.new_empty(rows, W, C)  # per-row partial weight gradients (the first block initialises)
         acc_b = x.new_empty(rows, C) if ctx.has_bias else None
         head_list = head.tolist()
         for i, (s, e) in enumerate(blocks):
             gb = g[: e - s]
             if ctx.silu:
-                torch.ops.aten.silu_backward.grad_input(grad[s:e], pre[s:e], grad_input=gb)
+                torch.ops.aten.silu_backward.grad_input(grad_rows(slice(s, e)), pre[s:e], grad_input=gb)
             else:
-                gb.copy_(grad[s:e])
+                gb.copy_(grad_rows(slice(s, e)))
             h0, h1 = bisect.bisect_left(head_list, s), bisect.bisect_left(head_list, e)
             if h1 > h0:
                 gb.index_fill_(0, head[h0:h1] - s, 0)
@@ -177,7 +184,7 @@ class _VarlenConv(torch.autograd.Function):
                 acc_w[: e - s].addcmul_(gb.unsqueeze(1), xu)
                 if acc_b is not None:
                     acc_b[: e - s].add_(gb)
-        gh = grad.index_select(0, head)
+        gh = torch.cat([gi.index_select(0, head) for gi in grads], 1) if ctx.split else grads[0].index_select(0, head)
         if ctx.silu:
             gh = torch.ops.aten.silu_backward(gh, pre.index_select(0, head))
         gp = gh.index_select(0, pair_row)
@@ -185,7 +192,7 @@ class _VarlenConv(torch.autograd.Function):
         dwT = acc_w.sum(0)
         dwT.index_add_(0, pair_tap, gp * xs)
         dbias = acc_b.sum(0) + gh.sum(0) if acc_b is not None else None
-        return dx, dwT.t().contiguous(), dbias, None, None
+        return dx, dwT.t().contiguous(), dbias, None, None, None
 
 
 def varlen_causal_conv1d(
@@ -196,7 +203,8 @@ def varlen_causal_conv1d(
     *,
     activation: str | None = None,
     kernel: str = "auto",
-) -> torch.Tensor:
+    split: Sequence[int] | None = None,
+) -> Any:
     """Segment-resetting causal depthwise conv over a packed token axis.
 
     Args:
@@ -204,8 +212,12 @@ def varlen_causal_conv1d(
         offsets: (S+1,) int64 jagged offsets. activation: None or "silu" (alias "swish").
         kernel: "torch", "auto"/"mamba" (causal_conv1d on CUDA when usable, torch otherwise) or
             "causal_conv1d" (raise if it cannot be used).
+        split: column widths summing to C: return `y.split(split, dim=1)` instead of y. On the torch path the
+            backward then joins the blocks' gradients per cached row block instead of autograd concatenating
+            them into a (T, C) tensor first.
 
-    Returns (T, C) in `x.dtype` (the torch path computes in fp32 for half-precision inputs).
+    Returns (T, C) in `x.dtype` (the torch path computes in fp32 for half-precision inputs), or its column
+    blocks when `split` is given.
     """
     if kernel not in CONV_KERNELS:
         raise ValueError(f"kernel must be one of {CONV_KERNELS}, got {kernel!r}")
@@ -222,6 +234,10 @@ def varlen_causal_conv1d(
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     validate_offsets(offsets, T)
+    if split is not None:
+        split = tuple(int(w) for w in split)
+        if sum(split) != Cch or any(w < 0 for w in split):
+            raise ValueError(f"split must be non-negative widths summing to C={Cch}, got {split}")
 
     if kernel != "torch":
         reason = _cuda_kernel_unusable_reason(x, weight)
@@ -233,8 +249,8 @@ def varlen_causal_conv1d(
             act = None if activation is None else "silu"
             w = weight.to(x.dtype).contiguous()  # some causal_conv1d releases require matching dtypes
             b = None if bias is None else bias.to(x.dtype).contiguous()
-            y = fn(xt, w, b, seq_idx=seq_idx, activation=act)
-            return y[0].T.to(x.dtype)
+            y = fn(xt, w, b, seq_idx=seq_idx, activation=act)[0].T.to(x.dtype)
+            return y if split is None else y.split(split, 1)
         if kernel == "causal_conv1d":
             raise RuntimeError(f"kernel='causal_conv1d' requested but unusable: {reason}")
         if x.is_cuda:
@@ -242,5 +258,7 @@ def varlen_causal_conv1d(
 
     cdtype = torch.promote_types(x.dtype, torch.float32)
     y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
-                          activation is not None)
-    return y.to(x.dtype)
+                          activation is not None, split)
+    if split is None:
+        return y.to(x.dtype)
+    return tuple(part.to(x.dtype) for part in y)

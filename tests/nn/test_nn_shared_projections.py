@@ -17,7 +17,8 @@ from nn_testutils import SMALL, offsets_from_lengths
 from torch import nn
 
 from ssd4rec_torchrec.nn import BiSSDLayer, SSDMixer
-from ssd4rec_torchrec.nn.layers import _AddDirections, _StackReversed, reverse_rows
+from ssd4rec_torchrec.nn.layers import _AddDirections, _StackReversed, _StackReversedSplit, reverse_rows
+from ssd4rec_torchrec.ops import reverse_segments_index
 
 LENGTHS = [5, 1, 40, 17, 70]  # 133 tokens: several chunks of 32, a length-1 segment
 
@@ -157,3 +158,16 @@ def test_row_functions_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda t: _StackReversed.apply(t, rev), (x,))
     assert torch.autograd.gradcheck(lambda t: _AddDirections.apply(t, rev, 0.3), (y2,))
     assert torch.autograd.gradcheck(lambda t: _AddDirections.apply(t, None, 0.3), (y2,))
+
+
+def test_stack_reversed_split_is_split_of_stack() -> None:
+    """Forward: the column blocks of `cat([x, x[rev]])`; backward (float64 gradcheck) without the (2T, C) concat."""
+    torch.manual_seed(7)
+    offsets = torch.tensor([0, 3, 4, 9])
+    rev = reverse_segments_index(offsets, 9)
+    x = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    sizes = [3, 2, 2]
+    parts = _StackReversedSplit.apply(x, rev, sizes)
+    for got, want in zip(parts, torch.cat([x, x[rev]]).split(sizes, 1), strict=True):
+        assert torch.equal(got, want)
+    assert torch.autograd.gradcheck(lambda t: _StackReversedSplit.apply(t, rev, sizes), (x,))
