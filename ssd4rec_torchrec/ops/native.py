@@ -1,12 +1,13 @@
 """Fused CPU kernels (``ops/csrc/cpu_kernels.cpp``), compiled on first use and cached; pure torch otherwise.
 
 Some CPU hot spots are chains of element-wise passes that PyTorch cannot fuse in eager mode (dropout: a
-random draw, a comparison, a cast and two multiplies per element). The C++ file does them in one pass.
-:func:`native_ops` builds it once per machine with ``torch.utils.cpp_extension`` (``-O3 -march=native``; the
-build directory is keyed by the source, the flags, the torch version and the CPU's feature flags, so a cached
-build is never reused on a different CPU) and returns ``torch.ops.ssd4rec_cpu``. When it cannot (no C++
-compiler, ``SSD4REC_NATIVE=0``, a failed build) it logs one warning and returns None, and every caller keeps
-its pure-torch path, which is also the reference the tests compare the kernels with.
+random draw, a comparison, a cast and two multiplies per element; the gated RMSNorm). The C++ file does them
+in one pass. :func:`native_ops` builds it once per machine with ``torch.utils.cpp_extension``
+(``-O3 -march=native -fno-trapping-math``; the build directory is keyed by the source, the flags, the torch
+version and the CPU's feature flags, so a cached build is never reused on a different CPU) and returns
+``torch.ops.ssd4rec_cpu``. When it cannot (no C++ compiler, ``SSD4REC_NATIVE=0``, a failed build) it logs one
+warning and returns None, and every caller keeps its pure-torch path, which is also the reference the tests
+compare the kernels with.
 
 ``python -m ssd4rec_torchrec.ops.native`` builds it ahead of time (``make setup`` does; training also calls
 :func:`native_ops` before its first step so that a build never counts as training time).
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "SSD4REC_NATIVE"  # "0": never build or use the native kernels
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native"]
+CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]  # no FP traps: lets the compiler vectorise clamps
 LIBRARY = "ssd4rec_cpu"
 
 

@@ -21,6 +21,10 @@ blocks are first copied into contiguous scratch: SiLU and its backward are ~3x s
 the copy plus a dense SiLU.
 Everything is computed in fp32 (float64 for float64 inputs) with autocast off; the output has x's dtype and
 each gradient its input's dtype.
+
+The Mamba-2 configuration (fp32, a gate, `norm_before_gate=False`) on CPU runs the native kernels of
+`ops.native` when they are built: one pass per row for each direction (2.2x faster fwd+bwd at the ML-1M
+mixer shape), SiLU through a vectorised ~1-ulp exp; the Function above is their fallback and reference.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from ssd4rec_torchrec.ops.native import native_ops
 
 __all__ = ["fused_gated_rms_norm"]
 
@@ -174,6 +180,33 @@ class _GatedRMSNorm(torch.autograd.Function):
         )
 
 
+class _NativeGatedRMSNorm(torch.autograd.Function):
+    """`_GatedRMSNorm` for fp32 CPU inputs with a gate and `norm_before_gate=False`, in the native kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, eps: float,
+                group_size: int) -> torch.Tensor:
+        y, r = native_ops().gated_rms_norm_forward(x, z, weight.contiguous(), eps, group_size)
+        ctx.save_for_backward(x, weight, z, r)
+        ctx.group_size = group_size
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, z, r = ctx.saved_tensors
+        dx, dz, dw = native_ops().gated_rms_norm_backward(grad, x, z, weight.contiguous(), r, ctx.group_size)
+        return dx, dw, dz, None, None
+
+
+def _native_applies(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None, norm_before_gate: bool) -> bool:
+    if z is None or norm_before_gate or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return False
+    if not (x.dtype == z.dtype == weight.dtype == torch.float32) or x.stride(-1) != 1 or z.stride(-1) != 1:
+        return False
+    return native_ops() is not None
+
+
 def fused_gated_rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -200,4 +233,6 @@ def fused_gated_rms_norm(
     shape = x.shape
     x2 = x.reshape(-1, H)
     z2 = None if z is None else z.reshape(-1, H)
+    if _native_applies(x2, weight, z2, norm_before_gate):
+        return _NativeGatedRMSNorm.apply(x2, weight, z2, eps, group_size).view(shape)
     return _GatedRMSNorm.apply(x2, weight, z2, eps, group_size, norm_before_gate).view(shape)

@@ -74,3 +74,16 @@ def test_scale_by_mask(ops) -> None:
         ops.scale_by_mask(g, mask.float(), 1.5)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.dropout_forward(g.half(), 1, 10, 1.0)
+
+
+def test_gated_rms_norm_extreme_gates(ops) -> None:
+    """The kernel's vectorised exp is clamped: gates far in both tails (and at 0) still give SiLU to fp32 accuracy."""
+    z = torch.tensor([-1e4, -200.0, -90.0, -88.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 88.0, 90.0, 200.0, 1e4, 5.0, -5.0,
+                      1.0]).repeat(3, 1)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    w = torch.rand(16, dtype=torch.float64) + 0.5
+    y, _ = ops.gated_rms_norm_forward(x.float(), z, w.float(), 1e-5, 16)
+    u = x * torch.nn.functional.silu(z.double())
+    ref = u * torch.rsqrt(u.square().mean(-1, keepdim=True) + 1e-5) * w
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()

@@ -1,7 +1,8 @@
 """`fused_gated_rms_norm` (hand-written backward) against a float64 plain-autograd reference.
 
 Error metric: `rel_err(a, b) = max|a - b| / max|b|` (see `ops_reference.rel_err`). The fused op runs on
-fp32 (or bf16) inputs, the reference on float64 copies of the same values.
+fp32 (or bf16) inputs, the reference on float64 copies of the same values. Every test runs twice: with the
+native CPU kernels (which take the fp32, gated, `norm_before_gate=False` case) and with the pure-torch Function.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from ops_reference import rel_err
 import ssd4rec_torchrec.ops.norm as norm_mod
 from ssd4rec_torchrec.nn.mixer import GatedRMSNorm
 from ssd4rec_torchrec.ops import fused_gated_rms_norm
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "torch":
+        monkeypatch.setattr(norm_mod, "native_ops", lambda: None)
+    elif norm_mod.native_ops() is None:
+        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
+    return request.param
+
 
 OUT_TOL = 1e-6
 GRAD_TOL = 1e-5  # dw sums over tokens
@@ -174,3 +185,15 @@ def test_module_uses_the_same_formula() -> None:
 def test_bad_group_size() -> None:
     with pytest.raises(ValueError, match="multiple of group_size"):
         fused_gated_rms_norm(torch.randn(3, 10), torch.ones(10), group_size=4)
+
+
+def test_native_kernel_takes_the_mamba2_case(cpu_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 with a gate and norm_before_gate=False goes to the native Function exactly when it is available."""
+    calls = []
+    real = norm_mod._NativeGatedRMSNorm.apply
+    monkeypatch.setattr(norm_mod._NativeGatedRMSNorm, "apply", lambda *a: calls.append(1) or real(*a))
+    x, z, w = torch.randn(9, 24), torch.randn(9, 24), torch.rand(24)
+    fused_gated_rms_norm(x, w, z, group_size=12, norm_before_gate=False)
+    fused_gated_rms_norm(x, w, z, group_size=12, norm_before_gate=True)  # never native
+    fused_gated_rms_norm(x.double(), w.double(), z.double(), group_size=12, norm_before_gate=False)  # never native
+    assert len(calls) == (1 if cpu_path == "native" else 0)

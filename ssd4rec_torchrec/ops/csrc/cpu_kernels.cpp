@@ -8,7 +8,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
@@ -94,14 +98,180 @@ at::Tensor scale_by_mask(const at::Tensor& grad_in, const at::Tensor& mask_in, d
   return out;
 }
 
+
+// ---- gated RMSNorm (Mamba-2 RMSNormGated, norm_before_gate=False): y = u * rsqrt(mean_group(u^2) + eps) * w,
+// u = x * silu(z). fp32; x and z may have a row stride (column slices of a wider tensor), y is contiguous.
+
+// exp(x) in float, Cephes' range reduction and degree-5 polynomial (about 1 ulp), written branch-free so
+// that the compiler vectorises the loops that call it (std::exp does not vectorise without -ffast-math; the
+// clamps need -fno-trapping-math to be if-converted).
+inline float exp_approx(float x) {
+  x = x < -87.3365478515625f ? -87.3365478515625f : x;  // exp underflows to 0 / overflows beyond these
+  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  const float t = x * 1.44269504088896341f;              // x / ln 2, in [-126, 127.5]
+  const int32_t k = int32_t(t + 128.5f) - 128;           // round(t): truncating a positive value is floor
+  const float fk = float(k);
+  float r = x - fk * 0.693359375f;                       // x - k ln 2, ln 2 split in two for exactness
+  r = r + fk * 2.12194440e-4f;
+  float p = 1.9875691500E-4f;
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (k + 127) << 23;                  // 2^k (k >= -126: a normal float)
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof(two_k));
+  return y * two_k;
+}
+
+inline float sigmoid_approx(float z) { return 1.0f / (1.0f + exp_approx(-z)); }
+
+// Sum of a[0..n) in 16 independent lanes (vectorisable without reassociating one accumulator).
+inline float lane_sum(const float* __restrict a, int64_t n) {
+  float acc[16] = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j];
+  float s = 0;
+  for (; i < n; ++i) s += a[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+void gated_rms_forward_rows(const float* __restrict x, int64_t sx, const float* __restrict z, int64_t sz,
+                            const float* __restrict w, float* __restrict y, float* __restrict r, int64_t H,
+                            int64_t n, float eps, int64_t t0, int64_t t1, float* __restrict sq) {
+  const int64_t G = H / n;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xr = x + t * sx;
+    const float* zr = z + t * sz;
+    float* yr = y + t * H;
+    for (int64_t c = 0; c < H; ++c) {
+      const float u = xr[c] * (zr[c] * sigmoid_approx(zr[c]));
+      yr[c] = u;
+      sq[c] = u * u;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float rr = 1.0f / std::sqrt(lane_sum(sq + g * n, n) / float(n) + eps);
+      r[t * G + g] = rr;
+      float* yg = yr + g * n;
+      const float* wg = w + g * n;
+      for (int64_t c = 0; c < n; ++c) yg[c] = yg[c] * rr * wg[c];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_rms_norm_forward(const at::Tensor& x, const at::Tensor& z,
+                                                          const at::Tensor& weight, double eps,
+                                                          int64_t group_size) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && z.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "gated_rms_norm_forward: float32 x, z, weight expected");
+  TORCH_CHECK(x.dim() == 2 && z.sizes() == x.sizes() && x.stride(1) == 1 && z.stride(1) == 1,
+              "gated_rms_norm_forward: x, z must be (T, H) with unit column stride");
+  const int64_t T = x.size(0), H = x.size(1), n = group_size;
+  TORCH_CHECK(n > 0 && H % n == 0 && weight.numel() == H && weight.is_contiguous(),
+              "gated_rms_norm_forward: bad group_size or weight");
+  at::Tensor y = at::empty({T, H}, x.options());
+  at::Tensor r = at::empty({T, H / n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* rp = r.data_ptr<float>();
+  const int64_t sx = x.stride(0), sz = z.stride(0);
+  at::parallel_for(0, T, 256, [&](int64_t a, int64_t b) {
+    std::vector<float> sq(H);
+    gated_rms_forward_rows(xp, sx, zp, sz, wp, yp, rp, H, n, float(eps), a, b, sq.data());
+  });
+  return {y, r};
+}
+
+// Backward with g = silu(z), u = x g, P = dy u, m = r^3 sum_group(P w) / n:
+// dw = sum_t r P, du = r w dy - m u, dx = du g, dz = silu'(z) du x.
+void gated_rms_backward_rows(const float* __restrict dy, const float* __restrict x, int64_t sx,
+                             const float* __restrict z, int64_t sz, const float* __restrict w,
+                             const float* __restrict r, float* __restrict dx, float* __restrict dz,
+                             float* __restrict dw, int64_t H, int64_t n, int64_t t0, int64_t t1,
+                             float* __restrict p, float* __restrict u, float* __restrict sg,
+                             float* __restrict pw) {
+  const int64_t G = H / n;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xr = x + t * sx;
+    const float* zr = z + t * sz;
+    const float* dyr = dy + t * H;
+    for (int64_t c = 0; c < H; ++c) {
+      const float s = sigmoid_approx(zr[c]);
+      sg[c] = s;
+      u[c] = xr[c] * (zr[c] * s);
+      p[c] = dyr[c] * u[c];
+      pw[c] = p[c] * w[c];
+    }
+    float* dxr = dx + t * H;
+    float* dzr = dz + t * H;
+    for (int64_t g = 0; g < G; ++g) {
+      const float rr = r[t * G + g];
+      const float m = rr * rr * rr * lane_sum(pw + g * n, n) / float(n);
+      for (int64_t c = g * n; c < (g + 1) * n; ++c) {
+        dw[c] += rr * p[c];
+        const float du = rr * w[c] * dyr[c] - m * u[c];
+        const float s = sg[c];
+        dxr[c] = du * (zr[c] * s);
+        dzr[c] = du * xr[c] * (s * (1.0f + zr[c] * (1.0f - s)));
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward(const at::Tensor& grad_in,
+                                                                       const at::Tensor& x, const at::Tensor& z,
+                                                                       const at::Tensor& weight,
+                                                                       const at::Tensor& r, int64_t group_size) {
+  TORCH_CHECK(grad_in.scalar_type() == at::kFloat, "gated_rms_norm_backward: float32 grad expected");
+  const at::Tensor dy = grad_in.contiguous();
+  const int64_t T = x.size(0), H = x.size(1), n = group_size;
+  TORCH_CHECK(dy.sizes() == x.sizes() && r.is_contiguous() && r.size(0) == T && r.size(1) == H / n,
+              "gated_rms_norm_backward: shape mismatch");
+  at::Tensor dx = at::empty({T, H}, x.options());
+  at::Tensor dz = at::empty({T, H}, x.options());
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (T + 255) / 256));
+  at::Tensor dw_parts = at::zeros({chunks, H}, x.options());
+  const float* dyp = dy.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* rp = r.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  float* dzp = dz.data_ptr<float>();
+  float* dwp = dw_parts.data_ptr<float>();
+  const int64_t sx = x.stride(0), sz = z.stride(0);
+  const int64_t per = (T + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> scratch(4 * H);
+    for (int64_t k = a; k < b; ++k) {
+      const int64_t t0 = k * per, t1 = std::min(T, t0 + per);
+      if (t0 < t1)
+        gated_rms_backward_rows(dyp, xp, sx, zp, sz, wp, rp, dxp, dzp, dwp + k * H, H, n, t0, t1, scratch.data(),
+                                scratch.data() + H, scratch.data() + 2 * H, scratch.data() + 3 * H);
+    }
+  });
+  return {dx, dz, dw_parts.sum(0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssd4rec_cpu, m) {
   m.def("dropout_forward(Tensor x, int seed, int threshold, float scale) -> (Tensor, Tensor)");
   m.def("scale_by_mask(Tensor grad, Tensor mask, float scale) -> Tensor");
+  m.def("gated_rms_norm_forward(Tensor x, Tensor z, Tensor weight, float eps, int group_size) -> (Tensor, Tensor)");
+  m.def("gated_rms_norm_backward(Tensor grad, Tensor x, Tensor z, Tensor weight, Tensor r, int group_size) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ssd4rec_cpu, CPU, m) {
   m.impl("dropout_forward", &dropout_forward);
   m.impl("scale_by_mask", &scale_by_mask);
+  m.impl("gated_rms_norm_forward", &gated_rms_norm_forward);
+  m.impl("gated_rms_norm_backward", &gated_rms_norm_backward);
 }
