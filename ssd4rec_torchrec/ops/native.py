@@ -3,7 +3,7 @@
 Some CPU hot spots are chains of element-wise passes that PyTorch cannot fuse in eager mode (dropout: a
 random draw, a comparison, a cast and two multiplies per element; the gated RMSNorm). The C++ file does them
 in one pass. :func:`native_ops` builds it once per machine with ``torch.utils.cpp_extension``
-(``-O3 -march=native -fno-trapping-math``; the build directory is keyed by the source, the flags, the torch
+(``-O3 -march=native -fno-trapping-math -fopenmp``; the build directory is keyed by the source, the flags, the torch
 version and the CPU's feature flags, so a cached build is never reused on a different CPU) and returns
 ``torch.ops.ssd4rec_cpu``. When it cannot (no C++ compiler, ``SSD4REC_NATIVE=0``, a failed build) it logs one
 warning and returns None, and every caller keeps its pure-torch path, which is also the reference the tests
@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "SSD4REC_NATIVE"  # "0": never build or use the native kernels
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native", "-fno-trapping-math"]  # no FP traps: lets the compiler vectorise clamps
+# -fno-trapping-math lets the compiler vectorise the clamps; -fopenmp makes at::parallel_for really parallel
+# (its OpenMP pragmas are inline in ATen's headers). libgomp.so.1 resolves to the copy torch already loaded, so
+# torch.set_num_threads governs the kernels' threads too.
+CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 LIBRARY = "ssd4rec_cpu"
 
 
@@ -49,18 +53,26 @@ def _cpu_flags() -> str:
 
 def build_directory() -> Path:
     """Where the build is cached: ``$SSD4REC_CACHE/native/<key>`` (default cache ``~/.cache/ssd4rec_torchrec``)."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS), torch.__version__, _cpu_flags(),
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(),
                                     sys.version]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("SSD4REC_CACHE", Path.home() / ".cache" / "ssd4rec_torchrec"))
     return root / "native" / key
 
 
+_loaded: list[Any] = []  # the library, once loaded: a process can register its ops namespace only once
+
+
 @functools.lru_cache(maxsize=1)
 def native_ops() -> Any | None:
-    """``torch.ops.ssd4rec_cpu`` (building the library on first use), or None when it is unavailable."""
+    """``torch.ops.ssd4rec_cpu`` (building the library on first use), or None when it is unavailable.
+
+    Cached; ``native_ops.cache_clear()`` re-reads ``SSD4REC_NATIVE`` but never loads the library twice.
+    """
     if os.environ.get(NATIVE_ENV, "1") == "0":
         log.info("native CPU kernels disabled (%s=0): pure-torch paths", NATIVE_ENV)
         return None
+    if _loaded:
+        return _loaded[0]
     try:
         from torch.utils.cpp_extension import load
 
@@ -70,13 +82,14 @@ def native_ops() -> Any | None:
         bin_dir = str(Path(sys.executable).parent)
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(out),
-             is_python_module=False, verbose=False)
-        return getattr(torch.ops, LIBRARY)
+        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+             build_directory=str(out), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, once, loudly
         log.warning("native CPU kernels unavailable, using pure-torch paths (%s: %s)", type(exc).__name__,
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
         return None
+    _loaded.append(getattr(torch.ops, LIBRARY))
+    return _loaded[0]
 
 
 def main() -> None:

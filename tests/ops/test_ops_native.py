@@ -20,6 +20,7 @@ def test_builds_where_a_compiler_exists() -> None:
 
 
 def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = native.native_ops()
     native.native_ops.cache_clear()
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     try:
@@ -27,6 +28,8 @@ def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         monkeypatch.delenv(native.NATIVE_ENV)
         native.native_ops.cache_clear()
+    # re-enabled: the library loaded before is reused (loading it twice would abort the process)
+    assert native.native_ops() is before
 
 
 @pytest.fixture
