@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["NATIVE_ENV", "build_directory", "native_ops"]
+__all__ = ["NATIVE_DIR_ENV", "NATIVE_ENV", "build_directory", "native_ops"]
 
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "SSD4REC_NATIVE"  # "0": never build or use the native kernels
+NATIVE_DIR_ENV = "SSD4REC_NATIVE_DIR"  # where builds are cached (default ~/.cache/ssd4rec_torchrec/native)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 # -fno-trapping-math lets the compiler vectorise the clamps; -fopenmp makes at::parallel_for really parallel
 # (its OpenMP pragmas are inline in ATen's headers). libgomp.so.1 resolves to the copy torch already loaded, so
@@ -52,11 +53,12 @@ def _cpu_flags() -> str:
 
 
 def build_directory() -> Path:
-    """Where the build is cached: ``$SSD4REC_CACHE/native/<key>`` (default cache ``~/.cache/ssd4rec_torchrec``)."""
+    """Where the build is cached: ``$SSD4REC_NATIVE_DIR/<key>``, default ``~/.cache/ssd4rec_torchrec/native/<key>``
+    (independent of ``SSD4REC_CACHE``, which jobs point at scratch data directories)."""
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(),
                                     sys.version]).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("SSD4REC_CACHE", Path.home() / ".cache" / "ssd4rec_torchrec"))
-    return root / "native" / key
+    root = os.environ.get(NATIVE_DIR_ENV) or Path.home() / ".cache" / "ssd4rec_torchrec" / "native"
+    return Path(root) / key
 
 
 _loaded: list[Any] = []  # the library, once loaded: a process can register its ops namespace only once
