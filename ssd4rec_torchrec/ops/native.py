@@ -35,8 +35,8 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 # -fno-trapping-math lets the compiler vectorise the clamps; -fopenmp makes at::parallel_for really parallel
 # (its OpenMP pragmas are inline in ATen's headers). libgomp.so.1 resolves to the copy torch already loaded, so
 # torch.set_num_threads governs the kernels' threads too.
-CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+CFLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 LIBRARY = "ssd4rec_cpu"
 
 
@@ -84,7 +84,8 @@ def native_ops() -> Any | None:
         bin_dir = str(Path(sys.executable).parent)
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+        # fresh lists: load() appends its own flags to the lists it is given
+        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
              build_directory=str(out), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, once, loudly
         log.warning("native CPU kernels unavailable, using pure-torch paths (%s: %s)", type(exc).__name__,
