@@ -6,8 +6,21 @@ share no code with the implementations under test.
 
 from __future__ import annotations
 
+from types import ModuleType
+
+import pytest
 import torch
 import torch.nn.functional as F
+
+
+def select_cpu_path(path: str, module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test on `path` for an op `module`: "torch" hides the native kernels from it (`native_ops() -> None`),
+    "native" needs them (skipped where they cannot be built; tests/ops/test_ops_native.py says why)."""
+    if path == "torch":
+        monkeypatch.setattr(module, "native_ops", lambda: None)
+    elif module.native_ops() is None:
+        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
+    return path
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

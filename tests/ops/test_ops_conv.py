@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops_reference import conv_reference, offsets_of, rel_err
+from ops_reference import conv_reference, offsets_of, rel_err, select_cpu_path
 
 import ssd4rec_torchrec.ops.conv as conv_mod
 from ssd4rec_torchrec.ops import varlen_causal_conv1d
@@ -21,11 +21,7 @@ from ssd4rec_torchrec.ops import varlen_causal_conv1d
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
 def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "torch":
-        monkeypatch.setattr(conv_mod, "native_ops", lambda: None)
-    elif conv_mod.native_ops() is None:
-        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
-    return request.param
+    return select_cpu_path(request.param, conv_mod, monkeypatch)
 
 
 OUT_TOL = 1e-6

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ops_reference import rel_err
+from ops_reference import rel_err, select_cpu_path
 
 import ssd4rec_torchrec.ops.norm as norm_mod
 from ssd4rec_torchrec.nn.mixer import GatedRMSNorm
@@ -19,11 +19,7 @@ from ssd4rec_torchrec.ops import fused_gated_rms_norm
 
 @pytest.fixture(autouse=True, params=["native", "torch"])
 def cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "torch":
-        monkeypatch.setattr(norm_mod, "native_ops", lambda: None)
-    elif norm_mod.native_ops() is None:
-        pytest.skip("native CPU kernels unavailable here (see tests/ops/test_ops_native.py)")
-    return request.param
+    return select_cpu_path(request.param, norm_mod, monkeypatch)
 
 
 OUT_TOL = 1e-6
