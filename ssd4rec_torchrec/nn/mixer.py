@@ -150,15 +150,12 @@ class SSDMixer(nn.Module):
         exponentiates cumulative sums of dt*A, which bf16 cannot resolve (Mamba's kernels also compute
         conv, scan and norm in fp32 and only store activations in low precision).
         """
-        return self.mix_parts(*self.split_sizes_of(zxbcdt), offsets)
+        return self.mix_parts(*torch.split(zxbcdt, self.split_sizes, dim=-1), offsets)
 
     @property
     def split_sizes(self) -> list[int]:
         """Column widths of `project_in`'s output: `[z, xBC, dt]`."""
         return [self.d_inner, self.conv_dim, self.nheads]
-
-    def split_sizes_of(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(zxbcdt, self.split_sizes, dim=-1)
 
     def mix_parts(self, z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """`mix` on the three column blocks of `project_in`'s output (callers that produce them as separate

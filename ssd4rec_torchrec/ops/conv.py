@@ -289,12 +289,7 @@ def varlen_causal_conv1d(
 
     cdtype = torch.promote_types(x.dtype, torch.float32)
     xc = x.to(cdtype)
-    if _native_conv_applies(xc):
-        y = _NativeVarlenConv.apply(xc, weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
-                                    activation is not None, split)
-        return y.to(x.dtype) if split is None else tuple(part.to(x.dtype) for part in y)
-    y = _VarlenConv.apply(x.to(cdtype), weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets,
-                          activation is not None, split)
-    if split is None:
-        return y.to(x.dtype)
-    return tuple(part.to(x.dtype) for part in y)
+    fn = _NativeVarlenConv if _native_conv_applies(xc) else _VarlenConv
+    y = fn.apply(xc, weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets, activation is not None,
+                 split)
+    return y.to(x.dtype) if split is None else tuple(part.to(x.dtype) for part in y)
