@@ -51,7 +51,7 @@ def build_encoder(cfg: ModelSection) -> torch.nn.Module:
     return BiSSDEncoder(
         cfg.d_model, cfg.n_layers, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
         chunk_size=cfg.chunk_size, dropout=cfg.dropout, beta=cfg.beta,
-        share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back,
+        share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back, backward_scope=cfg.backward_scope,
         norm_embedding=cfg.norm_embedding, positional=cfg.positional, max_positions=cfg.max_positions,
         kernel=cfg.kernel, autocast=cfg.autocast,
     )

@@ -46,6 +46,7 @@ class EncoderConfig:
     beta: float = 0.1
     share_backward_weights: bool = True
     flip_back: bool = False
+    backward_scope: Literal["sequence", "prefix"] = "sequence"
     norm_embedding: bool = True
     positional: Literal["none", "learned"] = "none"
     max_positions: int = 4096
@@ -101,6 +102,7 @@ class BiSSDEncoder(nn.Module):
         beta: float = 0.1,
         share_backward_weights: bool = True,
         flip_back: bool = True,
+        backward_scope: Literal["sequence", "prefix"] = "sequence",
         norm_embedding: bool = True,
         positional: Literal["none", "learned"] = "none",
         max_positions: int = 4096,
@@ -123,6 +125,7 @@ class BiSSDEncoder(nn.Module):
         self.positional = positional
         self.max_positions = max_positions
         self.gradient_checkpointing = gradient_checkpointing
+        self.backward_scope = backward_scope
         self.position_embedding = nn.Embedding(max_positions, d_model) if positional == "learned" else None
         if norm_embedding:
             self.dropout = Dropout(dropout if embedding_dropout is None else embedding_dropout)
@@ -134,6 +137,7 @@ class BiSSDEncoder(nn.Module):
                 beta=beta,
                 share_backward_weights=share_backward_weights,
                 flip_back=flip_back,
+                backward_scope=backward_scope,
                 ffn_mult=ffn_mult,
                 ln_eps=ln_eps,
                 d_state=d_state,

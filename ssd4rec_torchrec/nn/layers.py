@@ -11,7 +11,11 @@ from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.mixer import SSDMixer
 from ssd4rec_torchrec.ops import reverse_segments_index
 
-__all__ = ["BiSSDLayer", "PositionwiseFeedForward", "reverse_rows"]
+__all__ = ["BACKWARD_SCOPES", "BiSSDLayer", "PositionwiseFeedForward", "reverse_rows"]
+
+# What the backward branch scans for row t: the whole sequence (SSD4Rec), or only the prefix ending at t, read at
+# its end (the every-prefix objective's read-out for all t at once; the layer is then causal).
+BACKWARD_SCOPES = ("sequence", "prefix")
 
 
 # Segment reversal is an involution (rev[rev] = identity), so the gradient of a gather by `rev` is the same
@@ -138,6 +142,10 @@ class BiSSDLayer(nn.Module):
     `out_proj` is affine, so `F + beta * R' = out_proj(y_f + beta * y_b') (+ beta * bias)` with `y` the
     mixer core's outputs; only the conv, scan and norm (`SSDMixer.mix`) run on both directions.
 
+    `backward_scope="prefix"` (with `flip_back=False`) gives row t the backward branch of its own prefix
+    ``s..t`` - exactly what the layer computes at the read-out token when run on that prefix alone - for every
+    t in one pass: the layer is causal, and a next-item loss at every row trains every prefix's read-out.
+
     `mixer_kwargs` go to `SSDMixer` (d_state, headdim, chunk_size, kernel, ...).
     """
 
@@ -156,12 +164,19 @@ class BiSSDLayer(nn.Module):
         flip_back: bool = True,
         ffn_mult: int = 4,
         ln_eps: float = 1e-12,
+        backward_scope: str = "sequence",
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
+        if backward_scope not in BACKWARD_SCOPES:
+            raise ValueError(f"backward_scope must be one of {BACKWARD_SCOPES}, got {backward_scope!r}")
+        if backward_scope == "prefix" and flip_back:
+            raise ValueError("backward_scope='prefix' is the un-flipped backward branch read at each prefix's end; "
+                             "it needs flip_back=False")
         self.beta = beta
         self.share_backward_weights = share_backward_weights
         self.flip_back = flip_back
+        self.backward_scope = backward_scope
         self.forward_ssd = SSDMixer(d_model, **mixer_kwargs)
         self.backward_ssd = None if share_backward_weights else SSDMixer(d_model, **mixer_kwargs)
         self.LayerNorm = nn.LayerNorm(d_model, eps=ln_eps)
@@ -221,8 +236,24 @@ class BiSSDLayer(nn.Module):
             y = y_f + self.beta * (reverse_rows(y_b, rev) if self.flip_back else y_b)
         return m.project_out(y, 1.0 + self.beta)
 
+    def prefix_mixed(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """`F + beta * R` with the backward branch of `backward_scope='prefix'`: row t gets the un-flipped
+        backward output of the history ``s..t`` (`SSDMixer.mix_prefix_reverse`), so every row depends only on
+        its segment's tokens up to itself. With shared weights `in_proj`/`out_proj` run once for both."""
+        m = self.forward_ssd
+        zx = m.project_in(x)
+        if self.backward_ssd is None:
+            y = m.mix(zx, offsets) + self.beta * m.mix_prefix_reverse(zx, offsets)
+            return m.project_out(y, 1.0 + self.beta)
+        b = self.backward_ssd
+        return m.project_out(m.mix(zx, offsets)) + self.beta * b.project_out(
+            b.mix_prefix_reverse(b.project_in(x), offsets))
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, rev_index: torch.Tensor | None = None) -> torch.Tensor:
         """`rev_index`: precomputed `reverse_segments_index(offsets)` (the encoder shares it across layers)."""
+        if self.beta != 0 and self.backward_scope == "prefix":
+            h = self.dropout(self.LayerNorm(self.prefix_mixed(x, offsets) + x))
+            return self.ffn(h)
         if self.beta == 0:  # forward only: a causal layer, and the backward scan is not computed at all
             h = self.dropout(self.LayerNorm(self.forward_ssd(x, offsets) + x))
             return self.ffn(h)
@@ -230,4 +261,5 @@ class BiSSDLayer(nn.Module):
         return self.ffn(h)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, share_backward_weights={self.share_backward_weights}, flip_back={self.flip_back}"
+        return (f"beta={self.beta}, share_backward_weights={self.share_backward_weights}, flip_back={self.flip_back}, "
+                f"backward_scope={self.backward_scope!r}")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssd4rec_torchrec.ops import fused_gated_rms_norm, ssd_scan, varlen_causal_conv1d
+from ssd4rec_torchrec.ops import fused_gated_rms_norm, prefix_reverse_scan, segment_ids, ssd_scan, varlen_causal_conv1d
 
 __all__ = ["GatedRMSNorm", "SSDMixer", "gated_rms_norm"]
 
@@ -186,6 +186,30 @@ class SSDMixer(nn.Module):
                 kernel=self.kernel,
             ).reshape(T, self.d_inner)
             return self.norm(y, z) if self.rmsnorm else y * F.silu(z)
+
+    def mix_prefix_reverse(self, zxbcdt: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The reverse-time scan of every prefix ``s..t`` read at its end, placed at t: `project_in` output ->
+        (T, d_inner), fp32 like `mix`.
+
+        Row t equals row t of `mix` run on the reversed prefix ``t, t-1, .., s`` (each segment on its own):
+        what an un-flipped backward branch gives the read-out token of the history ``s..t``. It depends only
+        on tokens up to t, for every t at once in linear time (`ops.prefix_reverse_scan`); the gate is token
+        s's ``z``, the token the reverse scan ends on.
+        """
+        z, xBC, dt = torch.split(zxbcdt, self.split_sizes, dim=-1)
+        T = z.shape[0]
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            z, xBC, dt = z.to(dtype), xBC.to(dtype), dt.to(dtype)
+            conv_b = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
+            D = self.D.to(dtype).view(self.nheads, self.headdim) if self.D_has_hdim else self.D.to(dtype)
+            y = prefix_reverse_scan(
+                xBC, self.conv1d.weight.to(dtype).squeeze(1), conv_b, F.softplus(dt + self.dt_bias.to(dtype)),
+                -torch.exp(self.A_log.to(dtype)), D, offsets, nheads=self.nheads, ngroups=self.ngroups,
+                d_state=self.d_state,
+            ).reshape(T, self.d_inner)
+            z_first = z[offsets[:-1][segment_ids(offsets, T)]]
+            return self.norm(y, z_first) if self.rmsnorm else y * F.silu(z_first)
 
     def project_out(self, y: torch.Tensor, bias_scale: float = 1.0) -> torch.Tensor:
         """`out_proj` (under the caller's autocast), its bias multiplied by `bias_scale`.

@@ -5,6 +5,7 @@ Never imports torchrec; mamba-ssm and causal-conv1d are imported lazily, only wh
 
 from ssd4rec_torchrec.ops.conv import causal_conv1d_available, varlen_causal_conv1d
 from ssd4rec_torchrec.ops.norm import fused_gated_rms_norm
+from ssd4rec_torchrec.ops.prefix_reverse import prefix_reverse_scan
 from ssd4rec_torchrec.ops.segments import (
     offsets_from_lengths,
     reverse_segments_index,
@@ -19,6 +20,7 @@ __all__ = [
     "fused_gated_rms_norm",
     "mamba_ssd_available",
     "offsets_from_lengths",
+    "prefix_reverse_scan",
     "reverse_segments_index",
     "segment_ids",
     "segment_positions",

@@ -57,6 +57,10 @@ class ModelSection:
     beta: float = 0.1
     share_backward_weights: bool = True
     flip_back: bool = True
+    # the backward branch scans the whole input ("sequence", SSD4Rec) or, for each row, only the prefix that
+    # ends there, read at its end ("prefix": needs flip_back false; the encoder is then causal, so the dense
+    # next-item objective trains every prefix's read-out exactly)
+    backward_scope: Literal["sequence", "prefix"] = "sequence"
     norm_embedding: bool = True
     positional: Literal["none", "learned"] = "none"
     embedding_init_std: float = 0.02
@@ -65,6 +69,11 @@ class ModelSection:
     n_heads: int = 2  # sasrec / bert4rec
     max_positions: int = 512  # sasrec / bert4rec learned positions (and ssd4rec with positional: learned)
     autocast: Literal["none", "bf16"] = "none"  # ssd4rec: bf16 autocast for the encoder layers' matmuls
+
+    @property
+    def causal(self) -> bool:
+        """Every output row depends only on its segment's tokens up to that row."""
+        return self.name == "sasrec" or (self.name == "ssd4rec" and (self.beta == 0 or self.backward_scope == "prefix"))
 
     def __post_init__(self) -> None:
         if self.autocast != "none" and self.name != "ssd4rec":
@@ -77,6 +86,9 @@ class ModelSection:
             )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.backward_scope == "prefix" and self.flip_back:
+            raise ValueError("model.backward_scope 'prefix' reads the un-flipped backward branch at each prefix's "
+                             "end; set model.flip_back: false")
         if self.embedding_init_std <= 0:
             raise ValueError(f"embedding_init_std must be > 0, got {self.embedding_init_std}")
 
@@ -177,11 +189,11 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
-        causal = self.model.name == "sasrec" or (self.model.name == "ssd4rec" and self.model.beta == 0)
-        if self.objective.name == "next" and not causal:
+        if self.objective.name == "next" and not self.model.causal:
             raise ValueError(f"objective 'next' trains every position on its successor and needs a causal "
-                             f"encoder (model.name: sasrec, or ssd4rec with model.beta: 0), got "
-                             f"model.name={self.model.name!r}, model.beta={self.model.beta}")
+                             f"encoder (model.name: sasrec, or ssd4rec with model.beta: 0 or model.backward_scope: "
+                             f"prefix), got model.name={self.model.name!r}, model.beta={self.model.beta}, "
+                             f"model.backward_scope={self.model.backward_scope!r}")
 
     def to_dict(self) -> dict:
         return to_dict(self)
