@@ -2,7 +2,8 @@
 
   python apps/report.py --suite configs/report/ml1m.yaml
   python apps/report.py --suite configs/report/ml100k.yaml --out /tmp/report100k --only "SASRec (next)" --reuse
-  python apps/report.py --suite configs/report/ml1m.yaml --render-only --readme README.md
+  python apps/report.py --suite configs/report/ml1m.yaml --render-only --readme docs/quality.md \
+      --quality-json docs/results/quality.json
 
 Writes <out>/runs/<run>/ (each run's apps/train.py output and report-launch.log), <out>/report.md,
 <out>/report.json and <out>/valid_ndcg_vs_time.png. --readme replaces the suite's
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.report import launch, load_suite, render, select_runs, update_readme
+from ssd4rec_torchrec.report import launch, load_suite, render, select_runs, update_readme, write_quality_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/report/ml1m.yaml")
     parser.add_argument("--out", help="output directory (default results/report/<suite file stem>)")
     parser.add_argument("--readme", help="Markdown file whose report block to replace (e.g. README.md)")
+    parser.add_argument("--quality-json", metavar="FILE",
+                        help="merge the finished runs into this record, e.g. docs/results/quality.json")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs (names or directory slugs)")
     parser.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json already exists")
     parser.add_argument("--render-only", action="store_true", help="train nothing; render from the run directories")
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.readme:
             image = update_readme(Path(args.readme), data, out)
             logging.info("updated %s (plot %s)", args.readme, image)
+        if args.quality_json:
+            logging.info("updated %s", write_quality_json(Path(args.quality_json), data))
     except ConfigError as e:
         print(f"report: error: {e}", file=sys.stderr)
         return 2

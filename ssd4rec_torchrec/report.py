@@ -4,8 +4,9 @@ A suite YAML names the runs (a config plus ``key=value`` overrides each), the wo
 (``train.time_budget_s``: seconds of training steps, eval/checkpoint time excluded), so that every model
 gets the same compute on the same machine and seed. :func:`launch` trains each run in its own process
 (``<out>/runs/<slug>/``); :func:`render` reads only those run directories' ``metrics.json`` and writes
-``report.md``, ``report.json`` and ``valid_ndcg_vs_time.png``; :func:`update_readme` puts the table and
-the plot between ``<!-- report:<suite>:start/end -->`` markers in a README.
+``report.md``, ``report.json`` and ``valid_ndcg_vs_time.png``; :func:`update_readme` puts the tables and
+the plot between ``<!-- report:<suite>:start/end -->`` markers in a Markdown file (``docs/quality.md``), and
+:func:`write_quality_json` merges the runs into the machine-readable record ``docs/results/quality.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ TRAIN_APP = REPO / "apps" / "train.py"
 PROTOCOLS = ("filtered", "unfiltered")  # table order (the eval module's PROTOCOLS needs torch)
 METRICS = tuple(f"{m}@{k}" for k in (10, 20) for m in ("HR", "NDCG", "MRR"))
 PLOT = "valid_ndcg_vs_time.png"
+TARGETS = (0.10, 0.15, 0.17)  # validation NDCG@10 (filtered) levels of the time-to-target table
 LAUNCH_LOG = "report-launch.log"
 STATUS = "report-status.json"
 RESERVED = ("run_dir", "train.time_budget_s")  # set by the suite, not by a run's overrides
@@ -235,6 +237,17 @@ def valid_curve(metrics: dict[str, Any], protocol: str = "filtered", metric: str
     return curve
 
 
+def is_bidirectional(model_cfg: dict[str, Any]) -> bool:
+    """Whether the served encoder reads the history in both directions: BERT4Rec, and SSD4Rec with β > 0."""
+    name = model_cfg.get("name", "ssd4rec")
+    return name == "bert4rec" or (name == "ssd4rec" and float(model_cfg.get("beta", 0.1)) > 0)
+
+
+def time_to_reach(curve: list[list[float]], threshold: float) -> float | None:
+    """Training seconds of the first validation at or above ``threshold`` (None: never reached)."""
+    return next((sec for sec, value in curve if value >= threshold), None)
+
+
 def collect(suite: Suite, out: Path) -> dict[str, Any]:
     """The report's data (``report.json``), read from ``<out>/runs/*/``: one entry per suite run."""
     runs, popularity, dates, machines, seeds = [], None, [], [], set()
@@ -256,10 +269,13 @@ def collect(suite: Suite, out: Path) -> dict[str, Any]:
         if "seed" in cfg:
             seeds.add(cfg["seed"])
         epochs = metrics.get("epochs_trained", metrics.get("epochs_run"))
+        model_cfg = cfg.get("model") or {}
         entry.update(
             status="ok",
-            model=(cfg.get("model") or {}).get("name"),
+            dataset=(cfg.get("data") or {}).get("dataset", (metrics.get("dataset") or {}).get("name")),
+            model=model_cfg.get("name"),
             objective=(cfg.get("objective") or {}).get("name"),
+            bidirectional=is_bidirectional(model_cfg),
             epochs=epochs,
             seconds_per_epoch=metrics.get("seconds_per_epoch"),
             train_seconds=metrics.get("train_seconds"),
@@ -306,6 +322,45 @@ def markdown_table(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def time_to_target_table(data: dict[str, Any], thresholds: tuple[float, ...] = TARGETS) -> str:
+    """Training seconds until validation NDCG@10 (filtered) first reaches each threshold, and the best value."""
+    head = ["Model (objective)", *(f"to {t:.2f}" for t in thresholds), "best valid NDCG@10", "at s"]
+    lines = ["**Training seconds to reach validation NDCG@10 (filtered)**", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in data["runs"]:
+        if r["status"] != "ok" or not r["valid_curve"]:
+            continue
+        sec, best = max(r["valid_curve"], key=lambda c: c[1])
+        cells = [r["name"], *(_num(time_to_reach(r["valid_curve"], t), 0) for t in thresholds), _num(best, 4),
+                 _num(sec, 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+QUALITY_KEYS = ("name", "dataset", "model", "objective", "bidirectional", "train_seconds", "epochs", "test")
+QUALITY_METRICS = ("HR@10", "NDCG@10", "MRR@10")
+
+
+def quality_records(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The suite's finished runs as ``quality.json`` records (exactly :data:`QUALITY_KEYS`)."""
+    return [{"name": r["name"], "dataset": r["dataset"], "model": r["model"], "objective": r["objective"],
+             "bidirectional": bool(r["bidirectional"]), "train_seconds": r["train_seconds"], "epochs": r["epochs"],
+             "test": {p: {m: r["test"][p][m] for m in QUALITY_METRICS} for p in PROTOCOLS}}
+            for r in data["runs"] if r["status"] == "ok"]
+
+
+def write_quality_json(path: Path, data: dict[str, Any]) -> Path:
+    """Merge the suite's records into ``path`` (``{"runs": [...]}``): a record with the same (dataset, name) is
+    replaced, every other record kept, so the file holds every reported run of every suite."""
+    records = quality_records(data)
+    new = {(r["dataset"], r["name"]) for r in records}
+    old = (_read_json(path) or {}).get("runs", []) if path.is_file() else []
+    runs = [r for r in old if (r.get("dataset"), r.get("name")) not in new] + records
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    return path
+
+
 def conditions(data: dict[str, Any]) -> str:
     """The one-paragraph run conditions under the table."""
     budget = "no time budget" if data["time_budget_s"] is None else (
@@ -350,7 +405,8 @@ def render(suite: Suite, out: Path) -> dict[str, Any]:
     data = collect(suite, out)
     out.mkdir(parents=True, exist_ok=True)
     plot(data, out / PLOT)
-    md = f"# Quality report: {suite.name}\n\n{markdown_table(data)}\n\n{conditions(data)}\n\n![]({PLOT})\n"
+    md = (f"# Quality report: {suite.name}\n\n{markdown_table(data)}\n\n{time_to_target_table(data)}\n\n"
+          f"{conditions(data)}\n\n![]({PLOT})\n")
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     return data
@@ -366,12 +422,13 @@ def update_readme(readme: Path, data: dict[str, Any], out: Path) -> Path:
     that can be committed. Idempotent. Returns the copied plot."""
     if not readme.is_file():
         raise ReportError(f"--readme {str(readme)!r}: no such file")
-    image = readme.parent / "docs" / "report" / f"{slugify(data['suite'])}-{PLOT}"
+    root = readme.parent.parent if readme.parent.name == "docs" else readme.parent
+    image = root / "docs" / "report" / f"{slugify(data['suite'])}-{PLOT}"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / PLOT, image)
     start, end = _markers(data["suite"])
-    link = image.relative_to(readme.parent).as_posix()
-    block = (f"{start}\n{markdown_table(data)}\n\n{conditions(data)}\n\n"
+    link = Path(os.path.relpath(image, readme.parent)).as_posix()
+    block = (f"{start}\n{markdown_table(data)}\n\n{time_to_target_table(data)}\n\n{conditions(data)}\n\n"
              f"![validation NDCG@10 vs training time, {data['suite']}]({link})\n{end}")
     text = readme.read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)

@@ -82,8 +82,8 @@ def test_render_table_has_exactly_the_run_numbers(suite_file, out):
     md = (out / "report.md").read_text()
     for base, name in ((0.2, "SSD4Rec (cloze)"), (0.3, "SASRec (next)")):
         expected = _metrics(base)
-        rows = [line for line in md.splitlines() if line.startswith(f"| {name} |")]
-        assert len(rows) == 2  # one table per protocol
+        rows = [line for line in md.splitlines() if line.startswith(f"| {name} |") and line.count("|") > 7]
+        assert len(rows) == 2  # one table per protocol (plus the time-to-target row)
         for p, row in zip(PROTOCOLS, rows):
             cells = [c.strip() for c in row.strip("|").split("|")]
             assert cells == [name, "2.50", "36.0", "90.0", *(f"{expected['test'][p][m]:.4f}" for m in METRICS)]
@@ -182,3 +182,35 @@ def test_train_command(suite_file, tmp_path):
     assert cmd[cmd.index("--set") + 1:] == ["train.time_budget_s=90.0", "model.name=sasrec", "objective.name=next"]
     suite.world_size = 1
     assert train_command(suite, suite.runs[0], tmp_path / "r")[1].endswith("apps/train.py")
+
+
+def test_time_to_target_table_and_quality_json(suite_file, out, tmp_path):
+    from ssd4rec_torchrec.report import QUALITY_KEYS, time_to_reach, write_quality_json
+
+    assert time_to_reach([[10.0, 0.05], [20.0, 0.12], [30.0, 0.11], [40.0, 0.16]], 0.10) == 20.0
+    assert time_to_reach([[10.0, 0.05]], 0.10) is None
+    data = render(load_suite(suite_file), out)
+    md = (out / "report.md").read_text()
+    # SSD4Rec valid curve 0.2/0.21/0.22 at 30/60/90 s: every threshold at 30 s, best 0.22 at 90 s
+    row = next(line for line in md.splitlines() if line.startswith("| SSD4Rec (cloze) |") and line.count("|") == 7)
+    assert [c.strip() for c in row.strip("|").split("|")] == ["SSD4Rec (cloze)", "30", "30", "30", "0.2200", "90"]
+
+    path = tmp_path / "docs" / "results" / "quality.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"runs": [{"name": "SASRec (next)", "dataset": "other"},
+                                         {"name": "SASRec (next)", "dataset": None, "stale": True}]}))
+    for r in data["runs"]:
+        r.setdefault("dataset", None)
+    write_quality_json(path, data)
+    saved = json.loads(path.read_text())["runs"]
+    assert {"name": "SASRec (next)", "dataset": "other"} in saved  # other datasets' records kept
+    mine = [r for r in saved if r.get("dataset") is None]
+    assert [r["name"] for r in mine] == ["SSD4Rec (cloze)", "SASRec (next)"]  # the stale record was replaced
+    for r in mine:
+        assert tuple(r) == QUALITY_KEYS
+        assert set(r["test"]) == {"filtered", "unfiltered"}
+        assert all(tuple(r["test"][p]) == ("HR@10", "NDCG@10", "MRR@10") for p in r["test"])
+    sas = mine[1]
+    assert sas["model"] == "sasrec" and sas["objective"] == "next" and sas["bidirectional"] is False
+    assert sas["test"]["filtered"]["NDCG@10"] == _metrics(0.3)["test"]["filtered"]["NDCG@10"]
+    assert mine[0]["bidirectional"] is True and sas["train_seconds"] == 90.0 and sas["epochs"] == 2.5
