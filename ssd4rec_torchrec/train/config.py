@@ -144,6 +144,11 @@ class TrainSection:
     epochs: int = 10
     batch_size: int = 256  # examples per rank per step
     lr: float = 1e-3  # dense AdamW
+    # dense learning rate over the run's train.epochs x steps per epoch: constant, or linear warm-up over
+    # warmup_steps then a cosine from lr to lr * lr_min_ratio (the sparse table's optimizer keeps sparse_lr)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    lr_min_ratio: float = 0.0
     weight_decay: float = 0.0
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     sparse_lr: float = 0.05
@@ -171,6 +176,10 @@ class TrainSection:
         for name in ("epochs", "batch_size", "eval_every", "patience", "eval_batch_users", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"lr_min_ratio must be in [0, 1], got {self.lr_min_ratio}")
         if self.lr <= 0 or self.sparse_lr <= 0:
             raise ValueError(f"learning rates must be > 0 (lr={self.lr}, sparse_lr={self.sparse_lr})")
         kind, _, k = self.metric.partition("@")

@@ -38,7 +38,7 @@ from ..eval.model_eval import evaluate, popularity_baseline
 from ..model import SSD4Rec
 from ..ops.native import native_ops
 from .checkpoint import clean_temp, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, TrainSection
 from .distributed import DistContext, build_dmp, init_distributed
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,25 @@ def _budget_reached(seconds: float, budget: float | None) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def dense_lr(step: int, total_steps: int, train: TrainSection) -> float:
+    """The dense optimizer's learning rate at global step ``step`` (0-based) of ``total_steps``."""
+    lr = train.lr
+    if step < train.warmup_steps:
+        return lr * (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return lr
+    span = max(total_steps - train.warmup_steps, 1)
+    progress = min(max((step - train.warmup_steps) / span, 0.0), 1.0)
+    return lr * (train.lr_min_ratio + (1.0 - train.lr_min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_dense_lr(optimizer, lr: float) -> None:
+    """Set ``lr`` on the dense (non-fused) optimizer of a ``CombinedOptimizer`` from ``build_dmp``."""
+    for _, opt in optimizer.optimizers[1:]:
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def build_train_loader(cfg: TrainConfig, split, n_items: int, ctx: DistContext) -> tuple[TrainLoader, int]:
@@ -231,6 +250,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)
         out_of_time = False
         while True:
+            set_dense_lr(optimizer, dense_lr(state["global_step"], cfg.train.epochs * steps_per_epoch, cfg.train))
             t0 = time.perf_counter()
             try:
                 loss, _rows = pipeline.progress(batches)
