@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every item of the source in the catalog, cold and k-core-filtered ones included")
     g.add_argument("--duplicates", choices=("keep", "drop", "error"), default="keep",
                    help="repeated (user, item, timestamp) rows: keep (RecBole, default), drop, or error")
+    g.add_argument("--time-key", choices=("exact", "float32"), default="exact",
+                   help="order events by exact timestamps (default) or by float32-rounded ones, as RecBole 1.x "
+                        "does (ties keep file order either way)")
     g = p.add_argument_group("files given by path")
     g.add_argument("--format", default="auto", choices=("auto", "inter", "dat", "csv", "tsv", "parquet"))
     g.add_argument("--user-col", default="user_id")
@@ -80,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dataset:
             raise ValueError("--dataset is required (ml-1m, ml-100k, synthetic or a file path)")
         k = args.k_core
-        params = PreprocessParams(user_k=k or args.user_k, item_k=k or args.item_k, duplicates=args.duplicates)
+        params = PreprocessParams(user_k=k or args.user_k, item_k=k or args.item_k, duplicates=args.duplicates,
+                                  time_key=args.time_key)
         synthetic = None
         if args.dataset == "synthetic":
             synthetic = SyntheticConfig(num_users=args.synthetic_users, num_items=args.synthetic_items,

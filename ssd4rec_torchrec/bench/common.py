@@ -96,7 +96,7 @@ def load_dataset(cfg: Any) -> Any:
     d = cfg.data
     return prepare(
         d.dataset,
-        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates),
+        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates, time_key=d.time_key),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
         synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
         full_catalog=d.full_catalog,

@@ -46,6 +46,8 @@ def prepare(
     file_format = file_format or FileFormat()
     out_root = datasets_dir(root)
     key_params: dict = {"preprocess": asdict(params)}
+    if params.time_key == "exact":  # the default stays out of the key, so existing artifacts keep theirs
+        del key_params["preprocess"]["time_key"]
     if full_catalog:
         key_params["catalog"] = "full"
     if dataset in WHEELS:

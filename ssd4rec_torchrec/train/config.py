@@ -29,6 +29,9 @@ class DataSection:
     user_k: int = 5
     item_k: int = 5
     duplicates: Literal["keep", "drop", "error"] = "keep"
+    # event order per user: "exact" timestamps, or "float32" = RecBole 1.x's (timestamps rounded to float32,
+    # a 64-second grid on ML-1M; ties keep file order): the split of RecBole-protocol (unfiltered) papers
+    time_key: Literal["exact", "float32"] = "exact"
     format: Literal["auto", "inter", "dat", "csv", "tsv", "parquet"] = "auto"
     user_col: str = "user_id"
     item_col: str = "item_id"

@@ -50,7 +50,7 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext) -> SequenceDataset:
     """Rank 0 prepares (or finds cached) the dataset; the others wait, then open the same artifact."""
     d = cfg.data
     kwargs = dict(
-        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates),
+        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates, time_key=d.time_key),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
         synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
         full_catalog=d.full_catalog,

@@ -219,3 +219,29 @@ def test_cli_json_and_bad_value(tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == "prepare_data: error: synthetic: invalid num_items=-5"
     help_ = subprocess.run(cmd + ["--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "--dataset" in help_.stdout
+
+
+def test_float32_time_key_orders_like_recbole():
+    """time_key=float32: events sort on float32(timestamp) (RecBole 1.x's FloatTensor), ties in row order.
+
+    Near 2**29 float32 values are 64 apart, so 536870913 and 536870940 share one key and keep their row order,
+    while the exact key puts the earlier second first."""
+    base = 2**29  # exactly representable; base + 1 .. base + 31 round down to it, base + 33 .. up to base + 64
+    user = [0] * 5 + [1] * 5
+    item = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    ts = [base + 40, base + 30, base + 1, base + 70, base + 200,
+          base + 5, base + 3, base + 100, base + 99, base + 2]
+    assert np.float32(base + 30) == np.float32(base + 1) == np.float32(base)
+    assert np.float32(base + 40) == np.float32(base + 70) == np.float32(base + 64)
+    exact = build_sequences(_raw(user, item, ts), PreprocessParams(user_k=1, item_k=1))
+    rounded = build_sequences(_raw(user, item, ts), PreprocessParams(user_k=1, item_k=1, time_key="float32"))
+    # items keep their codes (1..5 -> indices 1..5); python's stable sort on each key is the reference
+    for seqs, key in ((exact, lambda t: t), (rounded, lambda t: float(np.float32(t)))):
+        for u in (0, 1):
+            rows = [r for r in range(10) if user[r] == u]
+            want = [item[r] for r in sorted(rows, key=lambda r: key(ts[r]))]
+            got = seqs.items[seqs.offsets[u]:seqs.offsets[u + 1]].tolist()
+            assert got == want
+    assert exact.items[:5].tolist() != rounded.items[:5].tolist()
+    with pytest.raises(ValueError, match="time_key"):
+        PreprocessParams(time_key="float16")
