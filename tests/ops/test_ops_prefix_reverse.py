@@ -53,21 +53,24 @@ def test_matches_reverse_recurrence_on_every_prefix(lengths, G, W, D_kind):
     assert rel_err(got, want) < 1e-12
 
 
-def test_gradients_match_reference():
-    lengths, H, G, N = [3, 6, 1], 4, 1, 3
-    p = _inputs(lengths, G=G)
+@pytest.mark.parametrize("lengths", [[3, 6, 1], [1, 2], [9]])
+@pytest.mark.parametrize("G,W,D_kind", [(1, 4, "h"), (2, 4, "hp"), (1, 2, None), (1, 1, "h"), (2, 3, "h")])
+def test_gradients_match_reference(lengths, G, W, D_kind):
+    H, N = 4, 3
+    p = _inputs(lengths, G=G, W=W, D_kind=D_kind)
     off = offsets_of(lengths)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in p.items()}
     got = prefix_reverse_scan(leaves["xBC"], leaves["w"], leaves["b"], leaves["dt"], leaves["A"], leaves["D"], off,
                               nheads=H, ngroups=G, d_state=N)
-    ref_leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    ref_leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in p.items()}
     want = _reference(ref_leaves["xBC"], ref_leaves["w"], ref_leaves["b"], ref_leaves["dt"], ref_leaves["A"],
                       ref_leaves["D"], lengths, H, G, N)
     upstream = torch.randn_like(want)
     (got * upstream).sum().backward()
     (want * upstream).sum().backward()
     for k in p:
-        assert rel_err(leaves[k].grad, ref_leaves[k].grad) < 1e-10, k
+        if p[k] is not None:
+            assert rel_err(leaves[k].grad, ref_leaves[k].grad) < 1e-10, k
 
 
 def test_row_depends_only_on_its_prefix():
@@ -107,3 +110,31 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="dt must be"):
         prefix_reverse_scan(p["xBC"], p["w"], p["b"], p["dt"][:, :2], p["A"], p["D"], off, nheads=4, ngroups=1,
                             d_state=3)
+
+
+@pytest.mark.parametrize("path", ["torch", "native"])
+@pytest.mark.parametrize("G,W,D_kind", [(1, 4, "h"), (2, 4, "hp"), (1, 2, None), (2, 3, "h")])
+def test_float32_paths_match_float64_reference(path, G, W, D_kind, monkeypatch):
+    """fp32 on CPU runs the native kernels (or the torch Function where they are off): outputs and gradients
+    within fp32 rounding of the float64 recurrence."""
+    from ssd4rec_torchrec.ops import prefix_reverse as module
+    from tests.ops.ops_reference import select_cpu_path
+
+    select_cpu_path(path, module, monkeypatch)
+    lengths, H, N = [1, 3, 7, 40, 2], 4, 3
+    p = _inputs(lengths, G=G, W=W, D_kind=D_kind)
+    off = offsets_of(lengths)
+    want = _reference(p["xBC"], p["w"], p["b"], p["dt"], p["A"], p["D"], lengths, H, G, N)
+    leaves = {k: None if v is None else v.float().requires_grad_(True) for k, v in p.items()}
+    got = prefix_reverse_scan(*(leaves[k] for k in ("xBC", "w", "b", "dt", "A", "D")), off, nheads=H, ngroups=G,
+                              d_state=N)
+    assert got.dtype == torch.float32
+    assert rel_err(got, want) < 2e-6
+    ref_leaves = {k: None if v is None else v.clone().requires_grad_(True) for k, v in p.items()}
+    want = _reference(*(ref_leaves[k] for k in ("xBC", "w", "b", "dt", "A", "D")), lengths, H, G, N)
+    upstream = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (got * upstream.float()).sum().backward()
+    (want * upstream).sum().backward()
+    for k, leaf in leaves.items():
+        if leaf is not None:
+            assert rel_err(leaf.grad, ref_leaves[k].grad) < 2e-5, k
