@@ -146,7 +146,7 @@ class _PrefixReverseScan(torch.autograd.Function):
         H, G, N, P, hpg, W, has_bias = ctx.dims
         pres, (E, c, a, q, xf) = rest[:W], rest[W:]
         lay, coefK = ctx.lay, ctx.coefK
-        T, Ch = xBC.shape
+        T = xBC.shape[0]
         d_inner = H * P
         dy = dy.contiguous()
         U = [F.silu(p) for p in pres]
