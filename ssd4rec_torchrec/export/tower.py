@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..nn import BiSSDEncoder
 from ..nn.layers import BiSSDLayer
 from ..nn.mixer import SSDMixer
+from ..ops.prefix_reverse import prefix_reverse_scan_traceable
 
 __all__ = ["READOUTS", "UserTower"]
 
@@ -151,9 +152,31 @@ def _mixer(m: SSDMixer, x: Tensor, seg: Tensor, n_segments: int, pos: Tensor) ->
     return m.out_proj(y.to(x.dtype))
 
 
+def _mixer_prefix_reverse(m: SSDMixer, x: Tensor, start: Tensor, pos: Tensor, left: Tensor) -> Tensor:
+    """``SSDMixer.project_out(mix_prefix_reverse(...))``: the reverse scan of every prefix, read at its end."""
+    z, xBC, dt = torch.split(m.in_proj(x).float(), [m.d_inner, m.conv_dim, m.nheads], dim=-1)
+    conv_b = None if m.conv1d.bias is None else m.conv1d.bias.float()
+    D = m.D.float().view(m.nheads, m.headdim) if m.D_has_hdim else m.D.float()
+    y = prefix_reverse_scan_traceable(xBC, m.conv1d.weight.float().squeeze(1), conv_b,
+                                      F.softplus(dt + m.dt_bias.float()), -torch.exp(m.A_log.float()), D, start, pos,
+                                      left, nheads=m.nheads, ngroups=m.ngroups, d_state=m.d_state).flatten(-2)
+    z_first = z.index_select(0, start)
+    y = _gated_rms_norm(m.norm, y, z_first) if m.rmsnorm else y * F.silu(z_first)
+    return m.out_proj(y.to(x.dtype))
+
+
 def _layer(layer: BiSSDLayer, x: Tensor, seg: Tensor, n_segments: int, pos: Tensor, rev: Tensor) -> Tensor:
     """``BiSSDLayer.forward`` in eval mode: both directions, one after the other."""
     fwd = _mixer(layer.forward_ssd, x, seg, n_segments, pos)
+    if layer.backward_scope == "prefix":
+        bwd_mixer = layer.forward_ssd if layer.backward_ssd is None else layer.backward_ssd
+        t = torch.arange(x.shape[0], device=x.device, dtype=torch.int64)
+        start = t - pos
+        left = rev - start  # rev[t] = start + end - t, so rows after t = end - t = rev - start
+        bwd = _mixer_prefix_reverse(bwd_mixer, x, start, pos, left)
+        h = layer.LayerNorm(fwd + layer.beta * bwd + x)
+        ffn = layer.ffn
+        return ffn.LayerNorm(ffn.w_2(ffn.activation(ffn.w_1(h))) + h)
     bwd_mixer = layer.forward_ssd if layer.backward_ssd is None else layer.backward_ssd
     bwd = _mixer(bwd_mixer, x[rev], seg, n_segments, pos)
     if layer.flip_back:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ssd4rec_torchrec.ops.native import native_ops
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
-__all__ = ["prefix_reverse_scan"]
+__all__ = ["prefix_reverse_scan", "prefix_reverse_scan_traceable"]
 
 
 def _segment_inclusive_cumsum(v: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
@@ -301,3 +301,73 @@ def prefix_reverse_scan(
     if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and native_ops() is not None:
         return _NativePrefixReverseScan.apply(*args)
     return _PrefixReverseScan.apply(*args)
+
+
+def prefix_reverse_scan_traceable(
+    xBC: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    start: torch.Tensor,
+    pos: torch.Tensor,
+    left: torch.Tensor,
+    *,
+    nheads: int,
+    ngroups: int,
+    d_state: int,
+) -> torch.Tensor:
+    """:func:`prefix_reverse_scan` for inference graphs (``torch.export``): the same mathematics in gathers and masks
+    only - no host sync, no data-dependent shapes or loops - from per-token ``start`` (segment's first row),
+    ``pos`` (position in the segment) and ``left`` (rows after it in the segment). Plain autograd, no kernels."""
+    T, channels = xBC.shape
+    W = conv_weight.shape[1]
+    d_inner = channels - 2 * ngroups * d_state
+    headdim = d_inner // nheads
+    hpg = nheads // ngroups
+    t = torch.arange(T, device=xBC.device)
+
+    def rows(x: torch.Tensor, shift: int, valid: torch.Tensor) -> torch.Tensor:
+        """Row ``r + shift`` of x at row r where ``valid``, else 0 (a gather, no slicing)."""
+        idx = (t + shift).clamp(0, T - 1)
+        return torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x.index_select(0, idx), torch.zeros_like(x))
+
+    pre = xBC * conv_weight[:, W - 1] if conv_bias is None else torch.addcmul(conv_bias, xBC, conv_weight[:, W - 1])
+    partial = [F.silu(pre)]
+    for j in range(1, W):
+        pre = pre + rows(xBC, j, left >= j) * conv_weight[:, W - 1 - j]
+        partial.append(F.silu(pre))
+
+    def split(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, B, C = u.split([d_inner, ngroups * d_state, ngroups * d_state], 1)
+        return (x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, d_state)),
+                C.unflatten(-1, (ngroups, d_state)))
+
+    x_full, B_full, C_full = split(partial[W - 1])
+    q, x_first = C_full.index_select(0, start), x_full.index_select(0, start)
+    for j in range(W - 1):
+        xj, _, Cj = split(partial[j])
+        at = (pos == j).view(-1, 1, 1)
+        q = torch.where(at, Cj.index_select(0, start), q)
+        x_first = torch.where(at, xj.index_select(0, start), x_first)
+    dA = dt.double() * A.double()
+    incl = torch.cumsum(dA, 0)
+    excl = incl - dA - (incl - dA).index_select(0, start)
+    coef = (torch.where(excl > _LOG_DECAY_FLOOR, torch.exp(excl), 0.0) * dt.double()).to(xBC.dtype)
+
+    def weighted(x, B, query, c):
+        qb = (query * B).sum(-1).repeat_interleave(hpg, dim=1)
+        return (c * qb).unsqueeze(-1) * x
+
+    v = weighted(x_full, B_full, C_full.index_select(0, start), coef).double()
+    run = torch.cumsum(v, 0)
+    seg_sum = run - (run - v).index_select(0, start)
+    y = rows(seg_sum, -(W - 1), pos >= W - 1).to(xBC.dtype)
+    for j in range(W - 1):
+        xj, Bj, _ = split(partial[j])
+        ok = pos >= j
+        y = y + weighted(rows(xj, -j, ok), rows(Bj, -j, ok), q, rows(coef, -j, ok))
+    if D is not None:
+        y = y + x_first * (D.view(1, nheads, -1) if D.dim() == 2 else D.view(1, nheads, 1))
+    return y

@@ -257,6 +257,8 @@ def _eager_readout(encoder, table, values, offsets, n, append_mask, l2):
 @pytest.mark.parametrize("variant", [
     {"readout": "append_mask", "l2": True},
     {"readout": "last", "l2": False, "positional": "learned", "flip_back": False, "share_backward_weights": False},
+    {"readout": "last", "l2": False, "flip_back": False, "backward_scope": "prefix", "beta": 0.5},
+    {"readout": "last", "l2": True, "flip_back": False, "backward_scope": "prefix", "share_backward_weights": False},
 ])
 def test_exported_tower_variants(variant):
     from ssd4rec_torchrec.export.tower import UserTower
