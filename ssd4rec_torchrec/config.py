@@ -18,6 +18,8 @@ Without a schema (``load_yaml(path)``), every nested section is assumed to use `
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 import os
 import types
@@ -30,6 +32,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad config: the message is one line naming the key."""
+
+
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _type_name(tp: Any) -> str:
@@ -88,6 +93,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -170,8 +170,13 @@ class TrainSection:
     # stop once this many seconds of training steps (eval/checkpoint time excluded) have run, mid-epoch if
     # need be, and validate there: equal-time comparisons across models (None: no budget)
     time_budget_s: float | None = None
+    # start from the model weights of this checkpoint directory (e.g. runs/x/checkpoints/best) - fine-tuning
+    # with another objective or backward scope; optimizer state and progress start fresh (a --resume wins)
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        if self.init_from is not None and not (Path(self.init_from) / "progress.json").is_file():
+            raise ValueError(f"init_from {self.init_from!r}: not a checkpoint directory (no progress.json)")
         if self.eval_sample_users is not None and self.eval_sample_users < 1:
             raise ValueError(f"eval_sample_users must be >= 1, got {self.eval_sample_users}")
         if self.time_budget_s is not None and not self.time_budget_s > 0:

@@ -183,6 +183,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
              "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,
              "stopped_early": False, "stopped_by_budget": False, "world_size": ctx.world_size}
     latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is None and cfg.train.init_from:
+        load_checkpoint(Path(cfg.train.init_from), dmp, None, rank=ctx.rank, restore_rng=False)
+        log.info("model weights initialised from %s", cfg.train.init_from)
     if latest is not None:
         # restores model, sparse+dense optimizer state, early-stopping state, data position (epoch, step)
         # and, at the same world size, each rank's RNG (load_checkpoint compares progress["world_size"])

@@ -78,3 +78,16 @@ def test_next_objective_needs_a_causal_encoder():
     assert cfg.objective.name == "next" and cfg.model.beta == 0  # forward-only SSD4Rec is causal
     with pytest.raises(ConfigError, match="needs a causal encoder"):
         load_train_config("configs/ml1m.yaml", ["objective.name=next"])
+
+
+def test_float_fields_accept_scientific_notation(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; float fields take it, in a file and in --set, Optional too."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1e-4\n  sparse_lr: 5E-2\n  time_budget_s: 1e3\nloss:\n  temperature: 2.5e-1\n")
+    cfg = load_train_config(path)
+    assert (cfg.train.lr, cfg.train.sparse_lr, cfg.train.time_budget_s, cfg.loss.temperature) == (1e-4, 0.05, 1000.0,
+                                                                                                   0.25)
+    cfg = load_train_config(path, ["train.lr=3e-3", "train.weight_decay=-0e0", "model.dropout=1.5e-1"])
+    assert (cfg.train.lr, cfg.model.dropout) == (3e-3, 0.15)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-4x'"):
+        load_train_config(path, ["train.lr=1e-4x"])
