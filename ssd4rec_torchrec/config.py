@@ -18,10 +18,9 @@ Without a schema (``load_yaml(path)``), every nested section is assumed to use `
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
