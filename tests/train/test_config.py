@@ -89,5 +89,5 @@ def test_float_fields_accept_scientific_notation(tmp_path):
                                                                                                    0.25)
     cfg = load_train_config(path, ["train.lr=3e-3", "train.weight_decay=-0e0", "model.dropout=1.5e-1"])
     assert (cfg.train.lr, cfg.model.dropout) == (3e-3, 0.15)
-    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-4x'"):
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got '1e-4x'"):
         load_train_config(path, ["train.lr=1e-4x"])
