@@ -437,13 +437,14 @@ at::Tensor segment_cumsum(const at::Tensor& x_in, const at::Tensor& offsets_in, 
 
 
 // ---- reverse SSD scan of every prefix, read at its end (ops/prefix_reverse.py states the math). Per segment
-// (segments in parallel): the anti-causal conv with its first j+1 taps U_j (j = 0..W-1, SiLU applied), the
-// decay-weighted coefficients c_k = exp(sum_{i<k} dt_i A) dt_k, then for every row t
+// (segments in parallel), one streaming pass over its rows with O(channels) scratch: the anti-causal conv of row
+// k with its first j+1 taps, U_j(k) = SiLU(b + sum_{m<=j} w[:, W-1-m] x[k+m]), is recomputed where it is used,
+// the decay-weighted coefficients are c_k = exp(sum_{i<k} dt_i A) dt_k, and every row t gets
 //   y_t = sum_{k <= t-W+1} c_k (C^_s . B^_k) x^_k  +  sum_{j < W-1, j <= t-s} c_{t-j} (q_t . B^j_{t-j}) x^j_{t-j}
 //         + D x_first(t)
-// with q_t / x_first(t) the first token's C / x cut at t (its full conv once t >= s+W-1). Double accumulators;
-// decays below exp(-60) are 0 (the torch path does the same). Shapes: xBC (T, Ch), w (Ch, W), bias (Ch),
-// dt (T, H), A (H), D (H, P) (zeros when the model has none), offsets (S+1) int64.
+// with q_t / x_first(t) the first token's C / x cut at t (its full conv U_{W-1} once t >= s+W-1). Double
+// accumulators; decays below exp(-60) are 0 (as in the torch path). xBC (T, Ch), w (Ch, W), bias (Ch), dt (T, H),
+// A (H), D (H, P) (zeros when the model has none), offsets (S+1) int64.
 
 namespace prefix_rev {
 
@@ -453,35 +454,44 @@ struct Dims {
   int64_t T, Ch, W, H, G, N, P, hpg, d_inner;
 };
 
-
-// Pre-activations pre[j][i][c] and U[j][i][c] = silu(pre) of one segment (rows lo..lo+L-1).
-void partial_convs(const Dims& d, const float* x, const float* w, const float* b, int64_t lo, int64_t L,
-                   std::vector<float>& pre, std::vector<float>& U) {
+// pre = b + sum_{m<=j} w[:, W-1-m] x[k+m] (wT: (W, Ch) rows), u = silu(pre); rows k..k+j exist.
+inline void conv_taps(const Dims& d, const float* x, const float* wT, const float* b, int64_t k, int64_t j,
+                      float* __restrict pre, float* __restrict u) {
   const int64_t Ch = d.Ch, W = d.W;
-  pre.assign(W * L * Ch, 0.0f);
-  U.assign(W * L * Ch, 0.0f);
-  for (int64_t i = 0; i < L; ++i) {
-    float* p0 = pre.data() + i * Ch;
-    const float* xr = x + (lo + i) * Ch;
-    for (int64_t c = 0; c < Ch; ++c) p0[c] = b[c] + w[c * W + (W - 1)] * xr[c];
-    for (int64_t j = 1; j < W; ++j) {
-      float* pj = pre.data() + (j * L + i) * Ch;
-      const float* pp = pre.data() + ((j - 1) * L + i) * Ch;
-      if (i + j < L) {
-        const float* xj = x + (lo + i + j) * Ch;
-        for (int64_t c = 0; c < Ch; ++c) pj[c] = pp[c] + w[c * W + (W - 1 - j)] * xj[c];
-      } else {
-        for (int64_t c = 0; c < Ch; ++c) pj[c] = pp[c];
-      }
-    }
+  const float* xr = x + k * Ch;
+  const float* wl = wT + (W - 1) * Ch;
+  for (int64_t c = 0; c < Ch; ++c) pre[c] = b[c] + wl[c] * xr[c];
+  for (int64_t m = 1; m <= j; ++m) {
+    const float* xm = x + (k + m) * Ch;
+    const float* wm = wT + (W - 1 - m) * Ch;
+    for (int64_t c = 0; c < Ch; ++c) pre[c] += wm[c] * xm[c];
   }
-  const float* __restrict pp = pre.data();
-  float* __restrict up = U.data();
-  const int64_t n = static_cast<int64_t>(pre.size());
-  for (int64_t e = 0; e < n; ++e) up[e] = pp[e] * sigmoid_approx(pp[e]);
+  for (int64_t c = 0; c < Ch; ++c) u[c] = pre[c] * sigmoid_approx(pre[c]);
 }
 
-// c_k and E_k = exp(excl_k) for the rows of one segment.
+// Gradient of conv_taps: g = du * silu'(pre) for the columns [0, ncols); dx rows k..k+j, dwT, db.
+inline void conv_taps_backward(const Dims& d, const float* x, const float* wT, int64_t k, int64_t j,
+                               const float* __restrict pre, const float* __restrict du, int64_t ncols,
+                               float* __restrict g, float* dx, double* dwT, double* db) {
+  const int64_t Ch = d.Ch, W = d.W;
+  for (int64_t c = 0; c < ncols; ++c) {
+    const float sg = sigmoid_approx(pre[c]);
+    g[c] = du[c] * (sg * (1.0f + pre[c] * (1.0f - sg)));
+  }
+  for (int64_t c = 0; c < ncols; ++c) db[c] += g[c];
+  for (int64_t m = 0; m <= j; ++m) {
+    const float* __restrict xm = x + (k + m) * Ch;
+    float* __restrict dxm = dx + (k + m) * Ch;
+    const float* __restrict wm = wT + (W - 1 - m) * Ch;
+    double* __restrict dwm = dwT + (W - 1 - m) * Ch;
+    for (int64_t c = 0; c < ncols; ++c) {
+      dwm[c] += g[c] * xm[c];
+      dxm[c] += g[c] * wm[c];
+    }
+  }
+}
+
+// c_k and E_k = exp(excl_k) for the rows of one segment, (L, H) row-major.
 void decay_coefs(const Dims& d, const float* dt, const float* A, int64_t lo, int64_t L, std::vector<float>& E,
                  std::vector<float>& c) {
   E.assign(L * d.H, 0.0f);
@@ -498,6 +508,22 @@ void decay_coefs(const Dims& d, const float* dt, const float* A, int64_t lo, int
   }
 }
 
+// The first token's convs cut after j taps (j < min(W, L)): pre (W, Ch) and U (W, Ch).
+void first_rows(const Dims& d, const float* x, const float* wT, const float* b, int64_t lo, int64_t L,
+                std::vector<float>& pre, std::vector<float>& U) {
+  pre.assign(d.W * d.Ch, 0.0f);
+  U.assign(d.W * d.Ch, 0.0f);
+  for (int64_t j = 0; j < d.W; ++j)
+    conv_taps(d, x + lo * d.Ch, wT, b, 0, std::min<int64_t>(j, L - 1), pre.data() + j * d.Ch, U.data() + j * d.Ch);
+}
+
+std::vector<float> transpose_w(const float* w, int64_t Ch, int64_t W) {
+  std::vector<float> wT(W * Ch);
+  for (int64_t c = 0; c < Ch; ++c)
+    for (int64_t m = 0; m < W; ++m) wT[m * Ch + c] = w[c * W + m];
+  return wT;
+}
+
 }  // namespace prefix_rev
 
 at::Tensor prefix_reverse_forward(const at::Tensor& xBC_in, const at::Tensor& w_in, const at::Tensor& b_in,
@@ -507,60 +533,59 @@ at::Tensor prefix_reverse_forward(const at::Tensor& xBC_in, const at::Tensor& w_
   const at::Tensor xBC = xBC_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
   const at::Tensor dt = dt_in.contiguous(), A = A_in.contiguous(), D = D_in.contiguous();
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
-  Dims d{xBC.size(0), xBC.size(1), w.size(1), H, G, N, 0, H / G, xBC.size(1) - 2 * G * N};
-  d.P = d.d_inner / H;
   for (const auto* t : {&xBC, &w, &b, &dt, &A, &D})
     TORCH_CHECK(t->scalar_type() == at::kFloat, "prefix_reverse_forward: float32 tensors expected");
-  const int64_t S = offsets.numel() - 1;
-  at::Tensor y = at::zeros({d.T, H, d.P}, xBC.options());
-  const float *xp = xBC.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = b.data_ptr<float>();
+  Dims d{xBC.size(0), xBC.size(1), w.size(1), H, G, N, 0, H / G, xBC.size(1) - 2 * G * N};
+  d.P = d.d_inner / H;
+  const int64_t S = offsets.numel() - 1, Ch = d.Ch, W = d.W, P = d.P, Bo = d.d_inner, Co = d.d_inner + G * N;
+  at::Tensor y = at::zeros({d.T, H, P}, xBC.options());
+  const float *xp = xBC.data_ptr<float>(), *bp = b.data_ptr<float>();
   const float *dtp = dt.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   float* yp = y.data_ptr<float>();
+  const std::vector<float> wT = transpose_w(w.data_ptr<float>(), Ch, W);
   at::parallel_for(0, S, 1, [&](int64_t sa, int64_t sb) {
-    std::vector<float> pre, U, E, c;
-    std::vector<double> acc(H * d.P), g(G), r(G);
-    const int64_t Ch = d.Ch, W = d.W, P = d.P, xo = 0, Bo = d.d_inner, Co = d.d_inner + G * N;
+    std::vector<float> E, c, fpre, first, pre(Ch), u(Ch);
+    std::vector<double> acc(H * P), r(G);
     for (int64_t s = sa; s < sb; ++s) {
       const int64_t lo = off[s], L = off[s + 1] - lo;
       if (L == 0) continue;
-      partial_convs(d, xp, wp, bp, lo, L, pre, U);
+      const float* xs = xp + lo * Ch;
       decay_coefs(d, dtp, Ap, lo, L, E, c);
-      auto u = [&](int64_t j, int64_t i) { return U.data() + (j * L + i) * Ch; };
-      const float* Cs = u(W - 1, 0) + Co;  // C^_s (used only once t >= W-1, i.e. L >= W)
+      first_rows(d, xp, wT.data(), bp, lo, L, fpre, first);
+      const float* Cs = first.data() + (W - 1) * Ch + Co;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t t = 0; t < L; ++t) {
         float* out = yp + (lo + t) * H * P;
-        if (t >= W - 1) {  // add row k = t-W+1 of the whole-window sum
+        if (t >= W - 1) {  // the whole-window sum gains row k = t-W+1
           const int64_t k = t - W + 1;
-          const float* uk = u(W - 1, k);
+          conv_taps(d, xs, wT.data(), bp, k, W - 1, pre.data(), u.data());
           for (int64_t gg = 0; gg < G; ++gg) {
             double dot = 0.0;
-            for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * uk[Bo + gg * N + n];
-            g[gg] = dot;
+            for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * u[Bo + gg * N + n];
+            r[gg] = dot;
           }
           for (int64_t h = 0; h < H; ++h) {
-            const double a = static_cast<double>(c[k * H + h]) * g[h / d.hpg];
-            for (int64_t q = 0; q < P; ++q) acc[h * P + q] += a * uk[xo + h * P + q];
+            const double a = static_cast<double>(c[k * H + h]) * r[h / d.hpg];
+            for (int64_t q = 0; q < P; ++q) acc[h * P + q] += a * u[h * P + q];
           }
           for (int64_t e = 0; e < H * P; ++e) out[e] = static_cast<float>(acc[e]);
         }
-        const int64_t jq = std::min<int64_t>(t, W - 1);
-        const float* qrow = u(jq, 0);
+        const float* qrow = first.data() + std::min<int64_t>(t, W - 1) * Ch;
         for (int64_t j = 0; j <= std::min<int64_t>(W - 2, t); ++j) {
           const int64_t k = t - j;
-          const float* uk = u(j, k);
+          conv_taps(d, xs, wT.data(), bp, k, j, pre.data(), u.data());
           for (int64_t gg = 0; gg < G; ++gg) {
-            double dot = 0.0;
-            for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(qrow[Co + gg * N + n]) * uk[Bo + gg * N + n];
+            float dot = 0.0f;
+            for (int64_t n = 0; n < N; ++n) dot += qrow[Co + gg * N + n] * u[Bo + gg * N + n];
             r[gg] = dot;
           }
           for (int64_t h = 0; h < H; ++h) {
             const float coef = static_cast<float>(c[k * H + h] * r[h / d.hpg]);
-            for (int64_t q = 0; q < P; ++q) out[h * P + q] += coef * uk[xo + h * P + q];
+            for (int64_t q = 0; q < P; ++q) out[h * P + q] += coef * u[h * P + q];
           }
         }
-        for (int64_t e = 0; e < H * P; ++e) out[e] += Dp[e] * qrow[xo + e];
+        for (int64_t e = 0; e < H * P; ++e) out[e] += Dp[e] * qrow[e];
       }
     }
   });
@@ -578,149 +603,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   Dims d{xBC.size(0), xBC.size(1), w.size(1), H, G, N, 0, H / G, xBC.size(1) - 2 * G * N};
   d.P = d.d_inner / H;
   const int64_t S = offsets.numel() - 1, T = d.T, Ch = d.Ch, W = d.W, P = d.P;
+  const int64_t Bo = d.d_inner, Co = d.d_inner + G * N;
   at::Tensor dx = at::zeros({T, Ch}, xBC.options());
   at::Tensor ddt = at::zeros({T, H}, xBC.options());
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), S));
-  at::Tensor dw_parts = at::zeros({chunks, Ch, W}, at::kDouble);
+  at::Tensor dwT_parts = at::zeros({chunks, W, Ch}, at::kDouble);
   at::Tensor db_parts = at::zeros({chunks, Ch}, at::kDouble);
   at::Tensor dA_parts = at::zeros({chunks, H}, at::kDouble);
   at::Tensor dD_parts = at::zeros({chunks, H * P}, at::kDouble);
-  const float *dyp = dy.data_ptr<float>(), *xp = xBC.data_ptr<float>(), *wp = w.data_ptr<float>();
-  const float *bp = b.data_ptr<float>(), *dtp = dt.data_ptr<float>(), *Ap = A.data_ptr<float>();
-  const float* Dp = D.data_ptr<float>();
+  const float *dyp = dy.data_ptr<float>(), *xp = xBC.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float *dtp = dt.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Dp = D.data_ptr<float>();
   const int64_t* off = offsets.data_ptr<int64_t>();
   float *dxp = dx.data_ptr<float>(), *ddtp = ddt.data_ptr<float>();
+  const std::vector<float> wT = transpose_w(w.data_ptr<float>(), Ch, W);
   const int64_t per = (S + chunks - 1) / chunks;
+  const int64_t xB = d.d_inner + G * N;  // columns of x and B (the C columns of a non-first row get no gradient)
   at::parallel_for(0, chunks, 1, [&](int64_t ca, int64_t cb) {
-    std::vector<float> pre, U, E, c;
-    std::vector<float> dU;
-    std::vector<double> dc, R(H * P), g(G), r(G), da(H), dg(G), ds(H), dr(G);
-    std::vector<float> gpre(Ch), wT(W * Ch), dwT;
-    for (int64_t cc = 0; cc < Ch; ++cc)
-      for (int64_t m = 0; m < W; ++m) wT[m * Ch + cc] = wp[cc * W + m];
-    const int64_t xo = 0, Bo = d.d_inner, Co = d.d_inner + G * N;
+    std::vector<float> E, c, fpre, first, dfirst, dcs, pre(Ch), u(Ch), du(Ch), gbuf(Ch);
+    std::vector<double> R(H * P), r(G), dr(G), later(H);
     for (int64_t chunk = ca; chunk < cb; ++chunk) {
-      dwT.assign(W * Ch, 0.0f);
-      double* dw = dw_parts.data_ptr<double>() + chunk * Ch * W;
+      double* dwT = dwT_parts.data_ptr<double>() + chunk * W * Ch;
       double* db = db_parts.data_ptr<double>() + chunk * Ch;
       double* dA = dA_parts.data_ptr<double>() + chunk * H;
       double* dD = dD_parts.data_ptr<double>() + chunk * H * P;
       for (int64_t s = chunk * per; s < std::min(S, (chunk + 1) * per); ++s) {
         const int64_t lo = off[s], L = off[s + 1] - lo;
         if (L == 0) continue;
-        partial_convs(d, xp, wp, bp, lo, L, pre, U);
+        const float* xs = xp + lo * Ch;
+        float* dxs = dxp + lo * Ch;
         decay_coefs(d, dtp, Ap, lo, L, E, c);
-        dU.assign(W * L * Ch, 0.0f);
-        dc.assign(L * H, 0.0);
-        auto u = [&](int64_t j, int64_t i) { return U.data() + (j * L + i) * Ch; };
-        auto du = [&](int64_t j, int64_t i) { return dU.data() + (j * L + i) * Ch; };
-        const float* Cs = u(W - 1, 0) + Co;
-        // skip term and the last W-1 tokens' cut-conv terms, row by row
-        for (int64_t t = 0; t < L; ++t) {
+        first_rows(d, xp, wT.data(), bp, lo, L, fpre, first);
+        dfirst.assign(W * Ch, 0.0f);  // extra gradient of the first token's U_j (query, skip input, C^_s)
+        dcs.assign(L * H, 0.0f);      // dL/dc_k
+        const float* Cs = first.data() + (W - 1) * Ch + Co;
+        std::fill(R.begin(), R.end(), 0.0);
+        std::fill(later.begin(), later.end(), 0.0);
+        for (int64_t t = L - 1; t >= 0; --t) {
           const float* gy = dyp + (lo + t) * H * P;
           const int64_t jq = std::min<int64_t>(t, W - 1);
-          const float* qrow = u(jq, 0);
-          float* dqrow = du(jq, 0);
+          const float* qrow = first.data() + jq * Ch;
+          float* dqrow = dfirst.data() + jq * Ch;
           for (int64_t e = 0; e < H * P; ++e) {
-            dD[e] += static_cast<double>(gy[e]) * qrow[xo + e];
-            dqrow[xo + e] += static_cast<double>(Dp[e]) * gy[e];
+            dD[e] += static_cast<double>(gy[e]) * qrow[e];
+            dqrow[e] += Dp[e] * gy[e];
           }
-          for (int64_t j = 0; j <= std::min<int64_t>(W - 2, t); ++j) {
+          for (int64_t j = 0; j <= std::min<int64_t>(W - 2, t); ++j) {  // cut-conv terms of row t
             const int64_t k = t - j;
-            const float* uk = u(j, k);
-            float* duk = du(j, k);
+            conv_taps(d, xs, wT.data(), bp, k, j, pre.data(), u.data());
             for (int64_t gg = 0; gg < G; ++gg) {
-              double dot = 0.0;
-              for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(qrow[Co + gg * N + n]) * uk[Bo + gg * N + n];
+              float dot = 0.0f;
+              for (int64_t n = 0; n < N; ++n) dot += qrow[Co + gg * N + n] * u[Bo + gg * N + n];
               r[gg] = dot;
               dr[gg] = 0.0;
             }
             for (int64_t h = 0; h < H; ++h) {
-              double sdot = 0.0;
-              const double coef = static_cast<double>(c[k * H + h]) * r[h / d.hpg];
+              const float coef = static_cast<float>(c[k * H + h] * r[h / d.hpg]);
+              float sdot = 0.0f;
               for (int64_t q = 0; q < P; ++q) {
-                sdot += static_cast<double>(gy[h * P + q]) * uk[xo + h * P + q];
-                duk[xo + h * P + q] += coef * gy[h * P + q];
+                sdot += gy[h * P + q] * u[h * P + q];
+                du[h * P + q] = coef * gy[h * P + q];
               }
-              dc[k * H + h] += sdot * r[h / d.hpg];
-              dr[h / d.hpg] += sdot * c[k * H + h];
+              dcs[k * H + h] += static_cast<float>(sdot * r[h / d.hpg]);
+              dr[h / d.hpg] += static_cast<double>(sdot) * c[k * H + h];
             }
             for (int64_t gg = 0; gg < G; ++gg)
               for (int64_t n = 0; n < N; ++n) {
-                dqrow[Co + gg * N + n] += dr[gg] * uk[Bo + gg * N + n];
-                duk[Bo + gg * N + n] += dr[gg] * qrow[Co + gg * N + n];
+                du[Bo + gg * N + n] = static_cast<float>(dr[gg]) * qrow[Co + gg * N + n];
+                dqrow[Co + gg * N + n] += static_cast<float>(dr[gg]) * u[Bo + gg * N + n];
               }
+            conv_taps_backward(d, xs, wT.data(), k, j, pre.data(), du.data(), xB, gbuf.data(), dxs, dwT, db);
           }
-        }
-        // whole-window sum: dv_k = sum of dy over rows t >= k+W-1 of the segment
-        std::fill(R.begin(), R.end(), 0.0);
-        float* dCs = du(W - 1, 0) + Co;
-        for (int64_t t = L - 1; t >= W - 1; --t) {
-          const float* gy = dyp + (lo + t) * H * P;
-          for (int64_t e = 0; e < H * P; ++e) R[e] += gy[e];
-          const int64_t k = t - W + 1;
-          const float* uk = u(W - 1, k);
-          float* duk = du(W - 1, k);
-          for (int64_t gg = 0; gg < G; ++gg) {
-            double dot = 0.0;
-            for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * uk[Bo + gg * N + n];
-            g[gg] = dot;
-            dg[gg] = 0.0;
+          if (t >= W - 1) {  // whole-window sum: row k = t-W+1 gets the sum of dy over rows >= t
+            for (int64_t e = 0; e < H * P; ++e) R[e] += gy[e];
+            const int64_t k = t - W + 1;
+            conv_taps(d, xs, wT.data(), bp, k, W - 1, pre.data(), u.data());
+            for (int64_t gg = 0; gg < G; ++gg) {
+              double dot = 0.0;
+              for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * u[Bo + gg * N + n];
+              r[gg] = dot;
+              dr[gg] = 0.0;
+            }
+            for (int64_t h = 0; h < H; ++h) {
+              const double a = static_cast<double>(c[k * H + h]) * r[h / d.hpg];
+              double dah = 0.0;
+              for (int64_t q = 0; q < P; ++q) {
+                dah += R[h * P + q] * u[h * P + q];
+                du[h * P + q] = static_cast<float>(a * R[h * P + q]);
+              }
+              dcs[k * H + h] += static_cast<float>(dah * r[h / d.hpg]);
+              dr[h / d.hpg] += dah * c[k * H + h];
+            }
+            float* dCs = dfirst.data() + (W - 1) * Ch + Co;
+            for (int64_t gg = 0; gg < G; ++gg)
+              for (int64_t n = 0; n < N; ++n) {
+                du[Bo + gg * N + n] = static_cast<float>(dr[gg]) * Cs[gg * N + n];
+                dCs[gg * N + n] += static_cast<float>(dr[gg]) * u[Bo + gg * N + n];
+              }
+            conv_taps_backward(d, xs, wT.data(), k, W - 1, pre.data(), du.data(), xB, gbuf.data(), dxs, dwT, db);
           }
+          // dc_t is complete: c_t = E_t dt_t, E_t = exp(sum_{i<t} dt_i A)
           for (int64_t h = 0; h < H; ++h) {
-            const double a = static_cast<double>(c[k * H + h]) * g[h / d.hpg];
-            double dah = 0.0;
-            for (int64_t q = 0; q < P; ++q) {
-              dah += R[h * P + q] * uk[xo + h * P + q];
-              duk[xo + h * P + q] += a * R[h * P + q];
-            }
-            dc[k * H + h] += dah * g[h / d.hpg];
-            dg[h / d.hpg] += dah * c[k * H + h];
-          }
-          for (int64_t gg = 0; gg < G; ++gg)
-            for (int64_t n = 0; n < N; ++n) {
-              duk[Bo + gg * N + n] += dg[gg] * Cs[gg * N + n];
-              dCs[gg * N + n] += dg[gg] * uk[Bo + gg * N + n];
-            }
-        }
-        // c_k = E_k dt_k, E_k = exp(sum_{i<k} dt_i A): dt_i gets dc_i E_i + A sum_{k>i} dc_k c_k
-        for (int64_t h = 0; h < H; ++h) {
-          double later = 0.0;
-          for (int64_t i = L - 1; i >= 0; --i) {
-            const double dci = dc[i * H + h];
-            ddtp[(lo + i) * H + h] = static_cast<float>(dci * E[i * H + h] + later * Ap[h]);
-            dA[h] += later * dtp[(lo + i) * H + h];
-            later += dci * c[i * H + h];
+            const double dct = dcs[t * H + h];
+            ddtp[(lo + t) * H + h] = static_cast<float>(dct * E[t * H + h] + later[h] * Ap[h]);
+            dA[h] += later[h] * dtp[(lo + t) * H + h];
+            later[h] += dct * c[t * H + h];
           }
         }
-        // conv: pre_j(i) = b + sum_{m <= j, i+m < L} w[:, W-1-m] x[i+m]; rows vectorised over channels
-        for (int64_t j = 0; j < W; ++j)
-          for (int64_t i = 0; i < L; ++i) {
-            const float* pr = pre.data() + (j * L + i) * Ch;
-            const float* dui = du(j, i);
-            float* __restrict gp = gpre.data();
-            for (int64_t cc = 0; cc < Ch; ++cc) {
-              const float sg = sigmoid_approx(pr[cc]);
-              gp[cc] = dui[cc] * (sg * (1.0f + pr[cc] * (1.0f - sg)));
-            }
-            for (int64_t cc = 0; cc < Ch; ++cc) db[cc] += gp[cc];
-            for (int64_t m = 0; m <= j && i + m < L; ++m) {
-              const float* __restrict xr = xp + (lo + i + m) * Ch;
-              float* __restrict dxr = dxp + (lo + i + m) * Ch;
-              const float* __restrict wr = wT.data() + (W - 1 - m) * Ch;
-              float* __restrict dwr = dwT.data() + (W - 1 - m) * Ch;
-              for (int64_t cc = 0; cc < Ch; ++cc) {
-                dwr[cc] += gp[cc] * xr[cc];
-                dxr[cc] += gp[cc] * wr[cc];
-              }
-            }
-          }
+        for (int64_t j = 0; j < W; ++j)  // the first token's U_j: query, skip input and C^_s gradients
+          conv_taps_backward(d, xs, wT.data(), 0, std::min<int64_t>(j, L - 1), fpre.data() + j * Ch,
+                             dfirst.data() + j * Ch, Ch, gbuf.data(), dxs, dwT, db);
       }
-      for (int64_t cc = 0; cc < Ch; ++cc)
-        for (int64_t m = 0; m < W; ++m) dw[cc * W + m] += dwT[m * Ch + cc];
     }
   });
-  return {dx, dw_parts.sum(0).to(at::kFloat), db_parts.sum(0).to(at::kFloat), ddt, dA_parts.sum(0).to(at::kFloat),
+  at::Tensor dw = dwT_parts.sum(0).t().contiguous().to(at::kFloat);
+  return {dx, dw, db_parts.sum(0).to(at::kFloat), ddt, dA_parts.sum(0).to(at::kFloat),
           dD_parts.sum(0).to(at::kFloat).view({H, P})};
 }
 
