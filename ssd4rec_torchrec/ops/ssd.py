@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ssd4rec_torchrec.ops.compat import load_mamba_chunk_scan
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
 __all__ = ["mamba_ssd_available", "ssd_scan"]
@@ -65,10 +66,12 @@ _FACTORED_MAX_LOG = 60.0
 
 @functools.lru_cache(maxsize=1)
 def _load_mamba_chunk_scan() -> Any:
-    """Import mamba-ssm's `mamba_chunk_scan_combined` lazily (it pulls in triton and the mamba package)."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    """Import mamba-ssm's `mamba_chunk_scan_combined` lazily (it pulls in triton and the mamba package).
 
-    return mamba_chunk_scan_combined
+    With CUDA available, a pure-Python mamba-ssm wheel (no `selective_scan_cuda`) also works: see
+    `compat.load_mamba_chunk_scan`.
+    """
+    return load_mamba_chunk_scan()
 
 
 @functools.lru_cache(maxsize=1)

@@ -55,7 +55,7 @@ def test_mamba_triton_kernel_matches_torch_on_cpu_interpreted() -> None:
         assert all(v <= GRAD_TOL for v in grads.values()), case
 
 
-@pytest.mark.skipif(not (HAS_CUDA and mamba_ssd_available()), reason="needs a CUDA GPU and a CUDA mamba-ssm build")
+@pytest.mark.skipif(not (HAS_CUDA and mamba_ssd_available()), reason="needs a CUDA GPU and mamba-ssm")
 @pytest.mark.parametrize(
     ("lengths", "H", "G", "P", "N", "chunk", "D_kind"),
     [
