@@ -10,7 +10,7 @@ export SSD4REC_CACHE ?= $(HOME)/.cache/ssd4rec_torchrec
 export MAMBA_FORCE_BUILD := TRUE
 export MAMBA_SKIP_CUDA_BUILD := TRUE
 
-.PHONY: setup data train test lint bench-data clean-venv
+.PHONY: setup data train test lint bench-data device-wheels clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +46,17 @@ lint: setup
 
 bench-data: setup
 	$(BIN)/python apps/bench.py data --interactions 50000000
+
+# What the lent GPU machine lacks, as wheels for scripts/device_check.sh (it has torch, triton, einops and
+# transformers, and no package index): mamba-ssm built here as a pure-Python wheel with its Triton kernels
+# (MAMBA_FORCE_BUILD/MAMBA_SKIP_CUDA_BUILD above; --no-cache-dir so a cached CUDA build is never reused).
+# Our own package travels as the working tree. .wheels/ is git-ignored; the check keeps it small and pure.
+WHEELS := .wheels
+device-wheels: setup
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(BIN)/pip wheel --disable-pip-version-check -q --no-deps --no-build-isolation --no-cache-dir -w $(WHEELS) \
+		$$(grep -o '^mamba-ssm==[^ ]*' requirements-nodeps.txt) $(QUIET_PIP)
+	$(BIN)/python -m ssd4rec_torchrec.bench.device_check --check-wheels $(WHEELS)
 
 clean-venv:
 	rm -rf $(VENV)
