@@ -131,17 +131,18 @@ class Point:
 
 
 def measure(variant: Variant, length: int, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One point: warm-up steps (peak memory taken over the first), then `repeats` timed steps."""
+    """One point: warm-up steps (the first compiles and autotunes), then `repeats` timed steps, over which the
+    peak memory above the memory held before them is taken (so autotuning's scratch buffers do not count)."""
     from ssd4rec_torchrec.bench.encoder import PeakMemory
 
     p = Point(variant, cfg["d_model"], length, cfg["tokens"], max(cfg["lengths"]), device)
-    mem = PeakMemory(device)
-    tracked = mem.reset()
     first = p.step()
-    peak = mem.peak_bytes() if tracked else None
     for _ in range(cfg["warmup"] - 1):
         p.step()
+    mem = PeakMemory(device)
+    tracked = mem.reset()
     times = [p.step() for _ in range(cfg["repeats"])]
+    peak = mem.peak_bytes() if tracked else None
     sec = statistics.median(times)
     tokens = p.segments * length
     return {
