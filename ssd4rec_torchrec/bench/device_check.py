@@ -127,10 +127,11 @@ def _has(module: str, attr: str) -> bool:
 def run_stage(name: str, args: list[str], env: dict[str, str], timeout_s: float, result_path: Path) -> dict[str, Any]:
     """Run one stage's module in a fresh interpreter, relaying its output to the log; kill it at `timeout_s`."""
     cmd = [sys.executable, "-m", MODULES[name], *args, "--json", str(result_path)]
+    if timeout_s < 5:
+        log.error("stage %s skipped: the time budget is spent", name)
+        return {"status": "skipped", "reason": "time budget spent", "seconds": 0.0}
     log.info("stage %s (timeout %.0f s): %s", name, timeout_s, " ".join(cmd))
     t0 = time.perf_counter()
-    if timeout_s < 5:
-        return {"status": "skipped", "reason": "time budget spent", "seconds": 0.0}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
 
     def relay() -> None:
@@ -195,7 +196,7 @@ def checks_of(report: dict[str, Any]) -> list[dict[str, Any]]:
     for name, stage in stages.items():
         for e in (stage.get("result") or {}).get("errors", []):
             out.append({"check": f"{name}: {e['check']}", "ok": False, "value": e["error"]})
-        if stage["status"] in ("failed", "timeout", "crashed"):
+        if stage["status"] in ("failed", "timeout", "crashed", "skipped"):
             out.append({"check": f"stage {name}", "ok": False, "value": stage["status"]})
     return out
 

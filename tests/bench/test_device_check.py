@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd4rec_torchrec.bench.device_check import check_wheels
+from ssd4rec_torchrec.bench.device_check import _finish_bench, check_wheels
 from ssd4rec_torchrec.bench.device_speed import VARIANTS, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,16 +85,22 @@ def test_check_wheels(tmp_path: Path) -> None:
     assert any("compiled extensions" in p for p in problems)
 
 
-def test_summary_targets_from_rows() -> None:
-    lengths = [256, 2048, 16384]
+LENGTHS = [256, 2048, 16384]
+
+
+def _rows() -> list[dict]:
     sec = {  # seconds per step at a fixed number of tokens: Bi-SSD flat, SASRec growing like L
         "bissd_mamba_fp32": [0.01, 0.01, 0.01], "bissd_torch_fp32": [0.2, 0.2, 0.2],
         "bissd_mamba_bf16": [0.008, 0.008, 0.008], "sasrec_bf16": [0.004, 0.02, 0.1],
     }
-    rows = [{"variant": v, "length": L, "seconds_median": s, "seconds_per_sequence": s * L / 16384}
-            for v, times in sec.items() for L, s in zip(lengths, times)]
+    rows = [{"variant": v, "length": L, "seconds_median": s, "seconds_per_sequence": s * L / 16384,
+             "tokens_per_s": 16384 / s, "peak_gb": 0.5} for v, times in sec.items() for L, s in zip(LENGTHS, times)]
     rows.append({"variant": "sasrec_fp32", "length": 256, "skipped": "time budget spent"})
-    summary = summarize(rows, lengths)
+    return rows
+
+
+def test_summary_targets_from_rows() -> None:
+    summary = summarize(_rows(), LENGTHS)
     assert set(summary["fits"]) == {v.name for v in VARIANTS}
     assert summary["fits"]["bissd_mamba_fp32"]["k"] == pytest.approx(1.0)
     assert summary["fits"]["sasrec_fp32"] is None
@@ -106,3 +112,10 @@ def test_summary_targets_from_rows() -> None:
     assert at_16k["value"] == pytest.approx(12.5)
     assert k["value"] == pytest.approx(1.0)
     assert [t["met"] for t in summary["targets"]] == [True, True, True, True]
+
+
+def test_partial_benchmark_is_summarised_and_plotted(tmp_path: Path) -> None:
+    result = {"rows": _rows(), "lengths": LENGTHS, "device_name": "test", "tokens": 16384, "d_model": 64}
+    _finish_bench(result, tmp_path / "bench.png")
+    assert result["summary"]["crossover_length_bf16"] == 2048
+    assert (tmp_path / "bench.png").stat().st_size > 1000
