@@ -50,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FP32_PRECISIONS = ("ieee", "tf32")
+FP32_PRECISIONS = ("ieee", "tf32", "none")
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 # Legacy `torch.backends.cuda.sdp_kernel` keyword per backend (cuDNN has none there).
 _LEGACY_SDPA_FLAGS = {"flash": "enable_flash", "efficient": "enable_mem_efficient", "math": "enable_math"}
@@ -82,14 +82,18 @@ def fp32_matmul_precision() -> str:
 
 
 def set_fp32_matmul_precision(mode: str) -> str:
-    """Set the precision of fp32 CUDA matmuls ("ieee" or "tf32"); returns the previous one."""
+    """Set the precision of fp32 CUDA matmuls: "ieee", "tf32" or "none" (torch's default, IEEE fp32).
+
+    Returns the previous setting as this torch stores it, so passing it back restores the state exactly.
+    """
     if mode not in FP32_PRECISIONS:
         raise ValueError(f"fp32 matmul precision must be one of {FP32_PRECISIONS}, got {mode!r}")
-    old = fp32_matmul_precision()
     m = _matmul_backend()
     if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
         m.fp32_precision = mode
     else:
+        old = "tf32" if m.allow_tf32 else "none"
         m.allow_tf32 = mode == "tf32"
     return old
 

@@ -23,13 +23,17 @@ HAS_MAMBA = HAS_TRITON and importlib.util.find_spec("mamba_ssm") is not None
 
 
 def test_fp32_matmul_precision_round_trip() -> None:
+    m = torch.backends.cuda.matmul
+    raw = getattr(m, "fp32_precision", "tf32" if m.allow_tf32 else "none")
     old = compat.set_fp32_matmul_precision("tf32")
     try:
+        assert old == raw
         assert compat.fp32_matmul_precision() == "tf32"
         assert compat.set_fp32_matmul_precision("ieee") == "tf32"
         assert compat.fp32_matmul_precision() == "ieee"
     finally:
         compat.set_fp32_matmul_precision(old)
+    assert getattr(m, "fp32_precision", raw) == raw  # restored exactly (torch's "none" included)
     with pytest.raises(ValueError, match="fp32 matmul precision"):
         compat.set_fp32_matmul_precision("bf16")
 
@@ -38,8 +42,9 @@ def test_fp32_matmul_precision_legacy_flag(monkeypatch: pytest.MonkeyPatch) -> N
     legacy = types.SimpleNamespace(allow_tf32=False)  # a torch without `fp32_precision`
     monkeypatch.setattr(compat, "_matmul_backend", lambda: legacy)
     assert compat.fp32_matmul_precision() == "ieee"
-    assert compat.set_fp32_matmul_precision("tf32") == "ieee"
+    assert compat.set_fp32_matmul_precision("tf32") == "none"
     assert legacy.allow_tf32 is True and compat.fp32_matmul_precision() == "tf32"
+    assert compat.set_fp32_matmul_precision("none") == "tf32" and legacy.allow_tf32 is False
 
 
 def test_sdpa_backends_restricts_and_validates() -> None:
