@@ -74,10 +74,16 @@ def test_next_objective_needs_a_causal_encoder():
     from ssd4rec_torchrec.config import ConfigError
     from ssd4rec_torchrec.train.config import load_train_config
 
-    cfg = load_train_config("configs/ml1m.yaml", ["objective.name=next", "model.beta=0"])
+    cfg = load_train_config("configs/ml1m_cloze.yaml", ["objective.name=next", "model.beta=0"])
     assert cfg.objective.name == "next" and cfg.model.beta == 0  # forward-only SSD4Rec is causal
     with pytest.raises(ConfigError, match="needs a causal encoder"):
-        load_train_config("configs/ml1m.yaml", ["objective.name=next"])
+        load_train_config("configs/ml1m_cloze.yaml", ["objective.name=next"])
+    cfg = load_train_config("configs/ml1m.yaml")  # bidirectional, prefix-scope backward: causal too
+    assert (cfg.objective.name, cfg.model.beta, cfg.model.backward_scope) == ("next", 0.1, "prefix")
+    with pytest.raises(ConfigError, match="needs a causal encoder"):
+        load_train_config("configs/ml1m.yaml", ["model.backward_scope=sequence"])
+    with pytest.raises(ConfigError, match="flip_back"):
+        load_train_config("configs/ml1m.yaml", ["model.flip_back=true"])
 
 
 def test_float_fields_accept_scientific_notation(tmp_path):

@@ -21,13 +21,15 @@ ABLATION_CHANGES: dict[str, dict[str, Any]] = {
     "ml1m_rho01.yaml": {"objective.corruption": 0.1},
     "ml1m_rho02.yaml": {"objective.corruption": 0.2},
     "ml1m_separate_backward.yaml": {"model.share_backward_weights": False},
-    "ml1m_no_flip_back.yaml": {"model.flip_back": False},
-    "ml1m_prefix_all.yaml": {"objective.name": "prefix", "objective.prefixes_per_user": "all"},
-    "ml1m_prefix_8.yaml": {"objective.name": "prefix"},  # prefixes_per_user 8 is also ml1m.yaml's (default) value
+    "ml1m_prefix_all.yaml": {"objective.name": "prefix", "objective.prefixes_per_user": "all",
+                             "model.backward_scope": "sequence"},
+    # prefixes_per_user 8 is also ml1m.yaml's (default) value
+    "ml1m_prefix_8.yaml": {"objective.name": "prefix", "model.backward_scope": "sequence"},
     "ml1m_sampled_softmax.yaml": {"loss.name": "sampled"},
     "ml1m_layers1.yaml": {"model.n_layers": 1},
     "ml1m_layers4.yaml": {"model.n_layers": 4},
-    "ml1m_d128.yaml": {"model.d_model": 128},
+    "ml1m_d64.yaml": {"model.d_model": 64},
+    "ml1m_history_200.yaml": {"objective.max_history": 200},
 }
 
 
