@@ -51,6 +51,11 @@ class SuiteRun:
     name: str
     config: str
     set: list[str] = field(default_factory=list)  # ``key=value`` overrides, as ``apps/train.py --set``
+    time_budget_s: float | None = None  # this run's own cap (a reference outside the equal-time comparison)
+
+    def __post_init__(self) -> None:
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
 
 
 @dataclass
@@ -104,7 +109,7 @@ def load_suite(path: str | Path) -> Suite:
             if kv.partition("=")[0].strip() in RESERVED:
                 raise ReportError(f"{where}: set: {kv!r} is fixed by the suite ({', '.join(RESERVED)})")
         try:
-            cfg = load_train_config(run.config, [*run.set, *_budget_override(suite)])
+            cfg = load_train_config(run.config, [*run.set, *_budget_override(suite, run)])
         except ConfigError as e:
             raise ReportError(f"{where}: {e}") from None
         seeds.setdefault(cfg.seed, run.name)
@@ -113,8 +118,9 @@ def load_suite(path: str | Path) -> Suite:
     return suite
 
 
-def _budget_override(suite: Suite) -> list[str]:
-    return [] if suite.time_budget_s is None else [f"train.time_budget_s={suite.time_budget_s}"]
+def _budget_override(suite: Suite, run: SuiteRun | None = None) -> list[str]:
+    budget = run.time_budget_s if run is not None and run.time_budget_s is not None else suite.time_budget_s
+    return [] if budget is None else [f"train.time_budget_s={budget}"]
 
 
 def select_runs(suite: Suite, only: list[str] | None) -> list[SuiteRun]:
@@ -136,7 +142,7 @@ def train_command(suite: Suite, run: SuiteRun, run_dir: Path) -> list[str]:
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={suite.world_size}"]
     else:
         head = [sys.executable]
-    sets = [*_budget_override(suite), *run.set]
+    sets = [*_budget_override(suite, run), *run.set]
     return [*head, str(TRAIN_APP), "--config", str(Path(run.config).resolve()), "--run-dir", str(run_dir.resolve()),
             *(["--set", *sets] if sets else [])]
 

@@ -182,6 +182,16 @@ def test_train_command(suite_file, tmp_path):
     assert cmd[cmd.index("--set") + 1:] == ["train.time_budget_s=90.0", "model.name=sasrec", "objective.name=next"]
     suite.world_size = 1
     assert train_command(suite, suite.runs[0], tmp_path / "r")[1].endswith("apps/train.py")
+    suite.runs[1].time_budget_s = 600.0  # a run's own cap replaces the suite's
+    cmd = train_command(suite, suite.runs[1], tmp_path / "r")
+    assert cmd[cmd.index("--set") + 1] == "train.time_budget_s=600.0"
+
+
+def test_run_budget_must_be_positive(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "runs": [{"name": "a", "config": TINY, "time_budget_s": 0}]}))
+    with pytest.raises(ReportError, match=r"time_budget_s must be > 0"):
+        load_suite(path)
 
 
 def test_time_to_target_table_and_quality_json(suite_file, out, tmp_path):
