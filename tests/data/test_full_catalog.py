@@ -41,7 +41,9 @@ def test_full_catalog_keeps_cold_items(tmp_path):
 def test_default_cache_key_unchanged(tmp_path):
     params = PreprocessParams()
     ds = prepare("synthetic", synthetic=CFG, params=params, root=tmp_path)
-    legacy = cache_key(CFG.checksum(), {"preprocess": asdict(params), "synthetic": asdict(CFG)})
+    # the key as it was before full_catalog and time_key existed: their defaults stay out of it
+    preprocess = {"user_k": params.user_k, "item_k": params.item_k, "duplicates": params.duplicates}
+    legacy = cache_key(CFG.checksum(), {"preprocess": preprocess, "synthetic": asdict(CFG)})
     assert ds.root.name == f"synthetic-{legacy}"
     assert "catalog" not in ds.stats
 
