@@ -36,8 +36,8 @@ OBJECTIVES = ("prefix_all", "prefix_k", "cloze")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the objective suite (defaults: configs/ml1m.yaml's data, model, batch size, max_history)."""
-    parser.add_argument("--config", default="configs/ml1m.yaml", help="training config (data, model, objective)")
+    """Options of the objective suite (defaults: configs/ml1m_cloze.yaml's data, model, batch size, max_history)."""
+    parser.add_argument("--config", default="configs/ml1m_cloze.yaml", help="training config (data, model, objective)")
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--prefix-k", type=int, default=8, help="prefixes per user for prefix_k (default 8)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per objective (default 10)")

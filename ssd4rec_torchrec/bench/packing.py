@@ -2,7 +2,7 @@
 
 Users' training histories (truncated to their most recent `--max-history` items, as the ML-1M config does)
 are shuffled and cut into batches of B users, as the cloze loader does. Per batch the encoder (the config's
-model, default configs/ml1m.yaml) runs one training step on
+model, default configs/ml1m_cloze.yaml) runs one training step on
 
 * packed: the B histories as jagged segments, sum(L) tokens (what this project does), and
 * padded: B segments of the batch's longest length Lmax, B*Lmax tokens (what padding to [B, Lmax] costs:
@@ -35,7 +35,7 @@ QUICK = {"batch_size": 8, "batches": 2, "repeats": 1, "max_history": 50}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the packing suite (defaults: ML-1M, B=64, histories <= 200 items, 8 timed batches)."""
-    parser.add_argument("--config", default="configs/ml1m.yaml", help="training config: dataset and model")
+    parser.add_argument("--config", default="configs/ml1m_cloze.yaml", help="training config: dataset and model")
     parser.add_argument("--batch-size", type=int, default=None, help="users per batch (default 64)")
     parser.add_argument("--max-history", type=int, default=None, help="most recent items kept (default 200)")
     parser.add_argument("--batches", type=int, default=None, help="timed batches (default 8)")
