@@ -41,7 +41,8 @@ EPOCH_LINE = re.compile(r"epoch (\d+): loss (\S+), (\d+) tokens/s")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the train suite (defaults: configs/ml1m_cloze.yaml, ranks 1 and 2, 40 steps each)."""
-    parser.add_argument("--config", default="configs/ml1m_cloze.yaml", help="training config (default configs/ml1m_cloze.yaml)")
+    parser.add_argument("--config", default="configs/ml1m_cloze.yaml",
+                        help="training config (default configs/ml1m_cloze.yaml)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts to run (default 1 2)")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per run (default: one full epoch; fewer are extrapolated)")
