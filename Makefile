@@ -18,7 +18,7 @@ setup: $(STAMP)
 # (pip's "Location ... is ignored" warnings about this machine's local index mirrors are filtered out.)
 PIP_INSTALL = set -o pipefail; $(BIN)/pip install --disable-pip-version-check -q
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/check_env.py ssd4rec_torchrec/ops/csrc/cpu_kernels.cpp
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml scripts/check_env.py $(wildcard ssd4rec_torchrec/ops/csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt $(QUIET_PIP)
 	$(PIP_INSTALL) --no-deps --no-build-isolation -r requirements-nodeps.txt $(QUIET_PIP)

@@ -1,4 +1,4 @@
-"""Fused CPU kernels (``ops/csrc/cpu_kernels.cpp``), compiled on first use and cached; pure torch otherwise.
+"""Fused CPU kernels (``ops/csrc/*.cpp``), compiled on first use and cached; pure torch otherwise.
 
 Some CPU hot spots are chains of element-wise passes that PyTorch cannot fuse in eager mode (dropout: a
 random draw, a comparison, a cast and two multiplies per element; the gated RMSNorm). The C++ file does them
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 NATIVE_ENV = "SSD4REC_NATIVE"  # "0": never build or use the native kernels
 NATIVE_DIR_ENV = "SSD4REC_NATIVE_DIR"  # where builds are cached (default ~/.cache/ssd4rec_torchrec/native)
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "cpu_kernels.cpp", CSRC / "prefix_reverse.cpp")  # + the header csrc/simd_math.h
 # -fno-trapping-math lets the compiler vectorise the clamps; -fopenmp makes at::parallel_for really parallel
 # (its OpenMP pragmas are inline in ATen's headers). libgomp.so.1 resolves to the copy torch already loaded, so
 # torch.set_num_threads governs the kernels' threads too.
@@ -55,7 +56,8 @@ def _cpu_flags() -> str:
 def build_directory() -> Path:
     """Where the build is cached: ``$SSD4REC_NATIVE_DIR/<key>``, default ``~/.cache/ssd4rec_torchrec/native/<key>``
     (independent of ``SSD4REC_CACHE``, which jobs point at scratch data directories)."""
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(),
+    texts = [p.read_text() for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".h")]
+    key = hashlib.sha256("\n".join([*texts, " ".join(CFLAGS + LDFLAGS), torch.__version__, _cpu_flags(),
                                     sys.version]).encode()).hexdigest()[:16]
     root = os.environ.get(NATIVE_DIR_ENV) or Path.home() / ".cache" / "ssd4rec_torchrec" / "native"
     return Path(root) / key
@@ -85,7 +87,7 @@ def native_ops() -> Any | None:
         if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         # fresh lists: load() appends its own flags to the lists it is given
-        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        load(name=LIBRARY, sources=[str(p) for p in SOURCES], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
              build_directory=str(out), is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a failed build: fall back, once, loudly
         log.warning("native CPU kernels unavailable, using pure-torch paths (%s: %s)", type(exc).__name__,
