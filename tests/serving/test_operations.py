@@ -284,6 +284,41 @@ def test_oversized_body_gets_413_not_a_reset(bundles) -> None:
         thread.join(timeout=10)
 
 
+def test_loadtest_reports_the_reload_phases(bundles, tmp_path) -> None:
+    import importlib.util
+
+    import uvicorn
+
+    key = tmp_path / "key"
+    key.write_text("load-key\n")
+    app = create_app(recommender_of(bundles["a"]), api_key="load-key", max_wait_ms=5)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.05)
+        spec = importlib.util.spec_from_file_location("_apps_loadtest", REPO / "apps" / "loadtest.py")
+        loadtest = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loadtest)
+        out = tmp_path / "load.json"
+        rc = loadtest.main(["--url", f"http://127.0.0.1:{server.config.port}", "--concurrency", "4", "--seconds", "3",
+                            "--warmup", "0", "--bundle", str(bundles["a"]), "--reload-bundle", str(bundles["b"]),
+                            "--api-key-file", str(key), "--out", str(out)])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    level = json.loads(out.read_text())["levels"][0]
+    assert rc == 0 and level["errors"] == 0, level
+    reload = level["reload"]
+    assert reload["bundle"] == bundle_id(bundles["b"]) and set(reload["phases"]) == {"before", "during", "after"}
+    assert reload["phases"]["before"]["requests"] > 0
+    assert sum(p["requests"] for p in reload["phases"].values()) >= level["requests"]
+    assert app.state.live.bundle_id == bundle_id(bundles["b"])
+
+
 # ------------------------------------------------------------------ apps/serve.py as a process
 
 
