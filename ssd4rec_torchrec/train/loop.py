@@ -240,7 +240,7 @@ def _train(cfg: TrainConfig, resume: bool, preemption: Preemption) -> dict:
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
              "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,
              "stopped_early": False, "stopped_by_budget": False, "world_size": ctx.world_size,
-             "nonfinite_skipped": []}
+             "nonfinite_steps_skipped": 0, "nonfinite_skipped": []}
     latest = resume_checkpoint(ckpt_root, ctx.rank) if resume else None
     if latest is None and cfg.train.init_from:
         load_checkpoint(Path(cfg.train.init_from), dmp, None, rank=ctx.rank, restore_rng=False)
@@ -315,8 +315,9 @@ def _train(cfg: TrainConfig, resume: bool, preemption: Preemption) -> dict:
 
     def preempted(where: str) -> None:
         if preemption.requested():
-            raise stop(f"preempted by SIGTERM {where}; checkpoint {latest_checkpoint(ckpt_root)} written, "
-                       f"continue with --resume", EXIT_PREEMPTED)
+            latest = latest_checkpoint(ckpt_root)
+            raise stop(f"preempted by SIGTERM {where}; " + (f"checkpoint {latest} written, continue with --resume"
+                                                             if latest else "no checkpoint yet"), EXIT_PREEMPTED)
 
     while state["epoch"] < cfg.train.epochs and not state["stopped_early"]:
         preempted(f"before epoch {state['epoch']}")  # the previous epoch's checkpoint is the current state
@@ -351,9 +352,11 @@ def _train(cfg: TrainConfig, resume: bool, preemption: Preemption) -> dict:
             state["step"] += 1
             state["global_step"] += 1
             if pipeline.skipped is not None:
-                state["nonfinite_skipped"].append({"epoch": epoch, "step": state["step"],
-                                                   "global_step": state["global_step"],
-                                                   "quantity": pipeline.skipped})
+                state["nonfinite_steps_skipped"] += 1
+                if len(state["nonfinite_skipped"]) < MAX_SKIPPED_LISTED:
+                    state["nonfinite_skipped"].append({"epoch": epoch, "step": state["step"],
+                                                       "global_step": state["global_step"],
+                                                       "quantity": pipeline.skipped})
                 log.warning("non-finite %s at epoch %d step %d: update skipped on every rank "
                             "(train.on_nonfinite: skip)", pipeline.skipped, epoch, state["step"])
             else:
@@ -417,8 +420,8 @@ def _train(cfg: TrainConfig, resume: bool, preemption: Preemption) -> dict:
                                                    sample_users=cfg.train.eval_sample_users, seed=cfg.seed)},
         "valid_history": state["valid_history"],
         "valid_timing": state["valid_timing"],
-        "nonfinite_steps_skipped": len(state["nonfinite_skipped"]),
-        "nonfinite_skipped": state["nonfinite_skipped"][:MAX_SKIPPED_LISTED],
+        "nonfinite_steps_skipped": state["nonfinite_steps_skipped"],
+        "nonfinite_skipped": state["nonfinite_skipped"],
         "world_size": ctx.world_size,
         "dataset": {"name": cfg.data.dataset, **{k: ds.stats[k] for k in ("users", "items", "interactions")}},
         "model_parameters": sum(p.numel() for n, p in dmp.module.named_parameters() if not n.startswith("ec.")),

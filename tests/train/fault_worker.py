@@ -2,12 +2,13 @@
 
   python tests/train/fault_worker.py [--nan-at N] [--oserror-at-save K] [--sigterm-at N] [--trace FILE] -- ARGS
 
-- ``--nan-at N``: the loss of training step N (1-based, counted in this process) is multiplied by NaN;
+- ``--nan-at N``: the loss of training step N (1-based, counted in this process) is multiplied by NaN (only
+  on rank ``--nan-rank`` when given);
 - ``--oserror-at-save K``: the K-th checkpoint write of this process raises ``OSError(ENOSPC)`` (inside the
   DCP save, after part of the checkpoint was written);
 - ``--sigterm-at N``: the process sends itself SIGTERM during training step N (as a scheduler would);
 - ``--trace FILE``: a JSON list of digests of the model's parameters (item table included) taken at the
-  start of every training step.
+  start of every training step (``FILE.rank<r>`` under torchrun).
 
 Exits with the app's exit code.
 """
@@ -42,10 +43,15 @@ def main() -> int:
     sep = sys.argv.index("--")
     parser = argparse.ArgumentParser()
     parser.add_argument("--nan-at", type=int)
+    parser.add_argument("--nan-rank", type=int)
     parser.add_argument("--oserror-at-save", type=int)
     parser.add_argument("--sigterm-at", type=int)
     parser.add_argument("--trace")
     opts = parser.parse_args(sys.argv[1:sep])
+    rank = int(os.environ.get("RANK", "0"))
+    trace = f"{opts.trace}.rank{rank}" if opts.trace and "LOCAL_WORLD_SIZE" in os.environ else opts.trace
+    if opts.nan_rank is not None and opts.nan_rank != rank:
+        opts.nan_at = None
 
     import torch.distributed.checkpoint as dcp
 
@@ -67,9 +73,9 @@ def main() -> int:
         loss, extra = forward(self, *args)
         if self.training:
             stash["steps"] += 1
-            if opts.trace:
+            if trace:
                 stash["digests"].append(digest(stash["dmp"]))
-                Path(opts.trace).write_text(json.dumps(stash["digests"]))
+                Path(trace).write_text(json.dumps(stash["digests"]))
             if stash["steps"] == opts.nan_at:
                 loss = loss * float("nan")
             if stash["steps"] == opts.sigterm_at:

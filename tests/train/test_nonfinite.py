@@ -80,3 +80,25 @@ def test_first_nonfinite_grad_names_the_parameter() -> None:
     b.grad = torch.tensor([3e38, 3e38, 3e38])  # finite, though its norm overflows float32
     assert first_nonfinite_grad([("a", a), ("b", b)]) is None
     assert first_nonfinite_grad([("c", c)]) is None  # no gradient at all
+
+
+def test_nonfinite_on_one_rank_skips_the_step_on_every_rank(tmp_path) -> None:
+    """2 gloo ranks, NaN on rank 1 only: both ranks drop step 5's update (their parameters are unchanged by it)
+    and train on in step."""
+    run = tmp_path / "two"
+    trace = tmp_path / "digests.json"
+    env = {**os.environ, "SSD4REC_NO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "train" / "fault_worker.py"), "--nan-at", str(NAN_AT), "--nan-rank", "1",
+           "--trace", str(trace), "--", "--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL,
+           "--set", "train.on_nonfinite=skip"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for rank in (0, 1):
+        digests = json.loads(Path(f"{trace}.rank{rank}").read_text())
+        assert len(digests) > NAN_AT
+        for i in range(len(digests) - 1):
+            assert (digests[i] == digests[i + 1]) == (i + 1 == NAN_AT), (rank, i)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["nonfinite_steps_skipped"] == 1
+    assert m["nonfinite_skipped"][0]["quantity"] == "loss (non-finite on another rank)"
