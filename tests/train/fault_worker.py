@@ -6,7 +6,8 @@
   on rank ``--nan-rank`` when given);
 - ``--oserror-at-save K``: the K-th checkpoint write of this process raises ``OSError(ENOSPC)`` (inside the
   DCP save, after part of the checkpoint was written);
-- ``--sigterm-at N``: the process sends itself SIGTERM during training step N (as a scheduler would);
+- ``--sigterm-at N``: the process sends itself SIGTERM during training step N (as a scheduler would; only on
+  rank ``--sigterm-rank`` when given);
 - ``--trace FILE``: a JSON list of digests of the model's parameters (item table included) taken at the
   start of every training step (``FILE.rank<r>`` under torchrun).
 
@@ -46,12 +47,15 @@ def main() -> int:
     parser.add_argument("--nan-rank", type=int)
     parser.add_argument("--oserror-at-save", type=int)
     parser.add_argument("--sigterm-at", type=int)
+    parser.add_argument("--sigterm-rank", type=int)
     parser.add_argument("--trace")
     opts = parser.parse_args(sys.argv[1:sep])
     rank = int(os.environ.get("RANK", "0"))
     trace = f"{opts.trace}.rank{rank}" if opts.trace and "LOCAL_WORLD_SIZE" in os.environ else opts.trace
     if opts.nan_rank is not None and opts.nan_rank != rank:
         opts.nan_at = None
+    if opts.sigterm_rank is not None and opts.sigterm_rank != rank:
+        opts.sigterm_at = None
 
     import torch.distributed.checkpoint as dcp
 

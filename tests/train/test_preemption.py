@@ -44,3 +44,21 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches_an_uninterrupted_run(tm
     got = json.loads((run / "metrics.json").read_text())
     for key in COMPARED:
         assert got[key] == want[key], key
+
+
+def test_sigterm_reaching_one_of_two_ranks_checkpoints_both_at_the_same_step(tmp_path) -> None:
+    """The ranks agree on the step to stop at: SIGTERM reaches rank 1 only (a signal may reach the ranks at
+    different steps), and both stop after that step with one complete checkpoint of it."""
+    run = tmp_path / "two"
+    env = {**os.environ, "SSD4REC_NO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "train" / "fault_worker.py"), "--sigterm-at", "3", "--sigterm-rank", "1", "--",
+           "--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode != 0, (out.stdout + out.stderr)[-4000:]
+    ckpt = run / "checkpoints" / "step-3"
+    assert f"train: preempted by SIGTERM at epoch 0 step 3; checkpoint {ckpt} written" in out.stderr, out.stderr[-4000:]
+    progress = json.loads((ckpt / "progress.json").read_text())
+    assert (progress["epoch"], progress["step"], progress["world_size"]) == (0, 3, 2)
+    assert {p.name for p in ckpt.iterdir()} >= {"rng-rank0.pt", "rng-rank1.pt", "manifest.json", ".metadata"}
+    assert not (run / "metrics.json").exists()
