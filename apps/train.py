@@ -4,6 +4,10 @@
   python apps/train.py --config configs/tiny.yaml
   torchx run dist.ddp -j 1x2 --script apps/train.py -- --config configs/ml1m.yaml
   torchx run dist.ddp -j 2x8 apps/train.py            (the script path given twice is tolerated)
+
+Exit codes: 0 done; 2 config or data error; 3 non-finite loss or gradient (train.on_nonfinite: stop);
+4 checkpoint write error (train.checkpoint_errors: fail); 75 preempted by SIGTERM (a checkpoint was written:
+rerun with --resume). Each failure prints one line.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from ssd4rec_torchrec.runtime import tune_malloc
 tune_malloc()  # before torch is imported: re-exec with glibc malloc settings (see runtime.py)
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ssd4rec_torchrec.config import ConfigError
 from ssd4rec_torchrec.data import DataError
 from ssd4rec_torchrec.train.config import load_train_config
-from ssd4rec_torchrec.train.loop import train
+from ssd4rec_torchrec.train.loop import TrainingStopped, train
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -43,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # every rank stops alike; rank 0 says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -147,6 +149,25 @@ def _to_timestamp(value: str, source: str, line: int, column: str) -> int:
         return int(float(value))
     except ValueError:
         raise DataError(source, f"non-numeric timestamp {value!r}", line=line, column=column) from None
+
+
+MAX_LINE_BYTES = 1 << 20  # a longer line is refused (pyarrow's CSV block size: no valid row is near it)
+
+
+def checked_lines(f: BinaryIO, source: str) -> Iterator[str]:
+    """The lines of a binary file as text (line endings kept), each checked to be UTF-8 and at most
+    ``MAX_LINE_BYTES`` long; a DataError names the first line that is not. Reads at most one line ahead."""
+    for lineno in itertools.count(1):
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise DataError(source, f"line longer than {MAX_LINE_BYTES} bytes", line=lineno)
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(source, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                    f"line)", line=lineno) from None
 
 
 def _nonblank_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
@@ -295,13 +316,14 @@ def load_file(path: str | Path, fmt: FileFormat | None = None) -> RawInteraction
     checksum = sha256_file(path)
     source = str(path)
     if kind in ("inter", "dat"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, "rb") as f:
+            lines = checked_lines(f, source)
             if kind == "inter":
                 users, items, times = parse_inter_lines(
-                    f, source, user_field=fmt.user_col, item_field=fmt.item_col, time_field=fmt.time_col
+                    lines, source, user_field=fmt.user_col, item_field=fmt.item_col, time_field=fmt.time_col
                 )
             else:
-                users, items, times = parse_movielens_dat(f, source)
+                users, items, times = parse_movielens_dat(lines, source)
         return _build(users, items, times, source, checksum)
     if kind in ("csv", "tsv"):
         users, items, times = _read_delimited(path, "," if kind == "csv" else "\t", fmt)
@@ -331,6 +353,8 @@ def _read_delimited(path: Path, sep: str, fmt: FileFormat):
     except (pa.ArrowInvalid, pa.ArrowKeyError) as e:
         _locate_delimited_error(path, sep, fmt)
         raise DataError(source, f"unreadable {sep!r}-separated file: {e}") from None
+    if any(pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) for f in table.schema):
+        _locate_delimited_error(path, sep, fmt)  # pyarrow reads a column with invalid UTF-8 as bytes
     header = table.column_names
     for col in (fmt.user_col, fmt.item_col, fmt.time_col):
         if col not in header:
@@ -345,8 +369,9 @@ def _read_delimited(path: Path, sep: str, fmt: FileFormat):
 def _locate_delimited_error(path: Path, sep: str, fmt: FileFormat) -> None:
     """Python rescan after pyarrow refused the file: raise a DataError naming the first bad line."""
     source = str(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=sep)
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))  # lines are bounded by checked_lines
+    with open(path, "rb") as f:
+        reader = csv.reader(checked_lines(f, source), delimiter=sep)
         header = next(reader, None)
         if not header:
             raise DataError(source, "empty file (no header line)")

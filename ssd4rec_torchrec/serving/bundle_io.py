@@ -7,12 +7,15 @@ Layout (written by ``apps/export.py``)::
     item_ids.npy             raw id of item index i + 1 (integer or unicode dtype; loaded without pickle)
     popularity.safetensors   counts float64 (num_items,)
     user_tower.pt2           torch.export program: int64 (item_indices (T,), offsets (B+1,)) -> (B, d) float32
+    user_tower_aoti.pt2      optional AOTInductor CPU package of the same tower (``tower="aoti"``)
 
 Every file listed in the manifest is checked against its size and sha256 before use. No pickle anywhere.
+A bundle's id is the sha256 prefix of its ``manifest.json`` (which holds every other file's sha256).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -33,6 +36,9 @@ REQUIRED_KEYS = ("format_version", "num_items", "d_model", "max_history", "files
 TOWER_FILE = "user_tower.pt2"
 IDS_FILE = "item_ids.npy"
 POPULARITY_FILE = "popularity.safetensors"
+TOWER_AOTI_FILE = "user_tower_aoti.pt2"
+TOWER_KINDS = ("exported", "aoti")
+BUNDLE_ID_CHARS = 16
 
 
 @dataclass
@@ -45,6 +51,8 @@ class ServingBundle:
     item_ids: np.ndarray  # (num_items,) raw ids
     popularity: np.ndarray  # (num_items,) float64 counts
     tower: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    tower_kind: str = "exported"
+    bundle_id: str = ""
 
     @property
     def num_items(self) -> int:
@@ -94,17 +102,44 @@ def _load_item_ids(path: Path) -> np.ndarray:
     return ids
 
 
-def load_serving_bundle(path: str | Path, *, precision: str = "fp32", verify: bool = True) -> ServingBundle:
+Tower = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_aoti_present(root: Path, manifest: dict[str, Any]) -> None:
+    """BundleError unless the manifest says the AOTInductor package was built."""
+    aoti = (manifest.get("user_tower") or {}).get("aoti") or {}
+    if not aoti.get("present"):
+        raise BundleError(f"{root}: no AOTInductor package in this bundle ({aoti.get('reason', 'not built')})")
+
+
+def _load_tower(root: Path, manifest: dict[str, Any], kind: str) -> Tower:
+    """The ExportedProgram's module, or the AOTInductor package's runner (``kind="aoti"``)."""
+    if kind == "aoti":
+        _check_aoti_present(root, manifest)
+        from torch._inductor import aoti_load_package  # not imported by `import torch`
+
+        return aoti_load_package(str(root / TOWER_AOTI_FILE))
+    return torch.export.load(root / TOWER_FILE).module()
+
+
+def load_serving_bundle(path: str | Path, *, precision: str = "fp32", verify: bool = True,
+                        tower: str = "exported") -> ServingBundle:
     """Read and check a bundle directory. ``precision`` picks the ``item_vectors`` file (only fp32 is scored
-    as stored; other precisions are upcast to float32)."""
+    as stored; other precisions are upcast to float32); ``tower`` is ``exported`` (the ``torch.export``
+    program) or ``aoti`` (the AOTInductor package)."""
+    if tower not in TOWER_KINDS:
+        raise ValueError(f"tower must be one of {TOWER_KINDS}, got {tower!r}")
     root = Path(path)
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise BundleError(f"{root}: no manifest.json (not a serving bundle)")
     try:
-        manifest = json.loads(mpath.read_text())
+        raw_manifest = mpath.read_bytes()
+        manifest = json.loads(raw_manifest)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: the manifest must be a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{mpath}: missing keys {missing}")
@@ -113,8 +148,11 @@ def load_serving_bundle(path: str | Path, *, precision: str = "fp32", verify: bo
     vectors_file = manifest["item_vectors"].get(precision) if isinstance(manifest["item_vectors"], dict) else None
     if vectors_file is None:
         raise BundleError(f"{mpath}: no {precision!r} item vectors (have {manifest['item_vectors']})")
+    if tower == "aoti":
+        _check_aoti_present(root, manifest)
     if verify:
-        verify_files(root, manifest["files"], [vectors_file, IDS_FILE, POPULARITY_FILE, TOWER_FILE])
+        needed = [vectors_file, IDS_FILE, POPULARITY_FILE, TOWER_FILE] + ([TOWER_AOTI_FILE] if tower == "aoti" else [])
+        verify_files(root, manifest["files"], needed)
     n, d = int(manifest["num_items"]), int(manifest["d_model"])
     vectors = load_file(root / vectors_file).get("item_vectors")
     if vectors is None or tuple(vectors.shape) != (n, d):
@@ -127,10 +165,11 @@ def load_serving_bundle(path: str | Path, *, precision: str = "fp32", verify: bo
     counts = load_file(root / POPULARITY_FILE).get("counts")
     if ids.shape != (n,) or counts is None or tuple(counts.shape) != (n,):
         raise BundleError(f"{root}: item_ids and popularity counts must have num_items={n} entries")
-    program = torch.export.load(root / TOWER_FILE)
-    tower = program.module()
-    log.info("loaded bundle %s: %d items, d=%d, max_history=%s", root, n, d, manifest["max_history"])
-    return ServingBundle(root, manifest, vectors, ids, counts.double().numpy(), tower)
+    fn = _load_tower(root, manifest, tower)
+    bundle_id = hashlib.sha256(raw_manifest).hexdigest()[:BUNDLE_ID_CHARS]
+    log.info("loaded bundle %s (id %s, %s tower): %d items, d=%d, max_history=%s", root, bundle_id, tower, n, d,
+             manifest["max_history"])
+    return ServingBundle(root, manifest, vectors, ids, counts.double().numpy(), fn, tower, bundle_id)
 
 
-__all__ = ["BundleError", "ServingBundle", "file_entry", "load_serving_bundle", "verify_files"]
+__all__ = ["TOWER_KINDS", "BundleError", "ServingBundle", "file_entry", "load_serving_bundle", "verify_files"]

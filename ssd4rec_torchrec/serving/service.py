@@ -12,32 +12,42 @@ Raw ids: an integer catalog accepts JSON integers, and also strings in canonical
 is item 12; ``"012"`` and ``"12.0"`` are unknown); a string catalog accepts strings, and integers by their
 decimal form. Responses use the catalog's own type. With ``exclude_seen`` every known item of the whole
 (untruncated) history is excluded.
+
+Operations: ``GET /metrics`` (Prometheus, see ``metrics``), one JSON access-log line per request, hot reload
+(``POST /admin/reload``, SIGHUP; see ``reload``), an optional API key (``middleware.ApiKeyAuth``) and a
+per-request deadline (503 with ``Retry-After``). Graceful shutdown is the server's (``apps/serve.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+import signal
+import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from .batching import MicroBatcher, Overloaded
 from .bundle_io import ServingBundle
 from .index import ItemIndex
+from .metrics import ServiceMetrics
+from .middleware import ApiKeyAuth, BodySizeLimit, ObservedRequests, error_response
+from .reload import LiveModel, ReloadError, load_live_model
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,13 @@ class BatchRequest(BaseModel):
     requests: list[RecommendRequest] = Field(max_length=MAX_BATCH_REQUESTS)
 
 
+class ReloadRequest(BaseModel):
+    """``{"bundle": PATH}`` (default: the path the server started with)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    bundle: str | None = Field(None, min_length=1, max_length=4096)
+
+
 @dataclass
 class Prepared:
     """A validated request mapped to item indices, ready for the tower."""
@@ -85,6 +102,7 @@ class Recommender:
         if index.num_items != bundle.num_items:
             raise ValueError(f"index has {index.num_items} items, bundle {bundle.num_items}")
         self.bundle, self.index = bundle, index
+        self.max_history_option = max_history
         self.max_history = int(max_history or bundle.max_history)
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
@@ -178,218 +196,192 @@ class Recommender:
         return self.run_batch([self.prepare(r) for r in requests])
 
 
-class Overloaded(RuntimeError):
-    """The micro-batch queue is full."""
+class DeadlineExceeded(RuntimeError):
+    """A request was not served within the request timeout."""
 
 
-T = TypeVar("T")
-R = TypeVar("R")
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts local connections (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-class MicroBatcher(Generic[T, R]):
-    """Queues items from concurrent coroutines and runs ``fn`` on batches of up to ``max_batch`` of them in a
-    worker thread, after at most ``max_wait_ms`` from a batch's first item."""
-
-    def __init__(self, fn: Callable[[list[T]], list[R]], max_batch: int = 64, max_wait_ms: float = 2.0,
-                 max_queue: int = 10_000) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
-        self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000.0
-        self.max_queue = max_queue
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tower")
-        self.queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.batches = 0
-        self.items = 0
-
-    def _start(self) -> asyncio.Queue[tuple[T, asyncio.Future[R]]]:
-        loop = asyncio.get_running_loop()
-        if self.queue is None or self.loop is not loop or self.task is None or self.task.done():
-            self.loop, self.queue = loop, asyncio.Queue()
-            self.task = loop.create_task(self._worker())
-        return self.queue
-
-    async def submit_many(self, items: Sequence[T]) -> list[R]:
-        queue = self._start()
-        if queue.qsize() + len(items) > self.max_queue:
-            raise Overloaded(f"{queue.qsize()} requests queued")
-        futures = [asyncio.get_running_loop().create_future() for _ in items]
-        for item, fut in zip(items, futures):
-            queue.put_nowait((item, fut))
-        return list(await asyncio.gather(*futures))
-
-    async def submit(self, item: T) -> R:
-        return (await self.submit_many([item]))[0]
-
-    async def _collect(self, queue: asyncio.Queue[tuple[T, asyncio.Future[R]]]) -> list[tuple[T, asyncio.Future[R]]]:
-        batch = [await queue.get()]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            if not queue.empty():
-                batch.append(queue.get_nowait())
-                continue
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), left))
-            except asyncio.TimeoutError:
-                break
-        return batch
-
-    async def _worker(self) -> None:
-        queue = self.queue
-        assert queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [(item, fut) for item, fut in await self._collect(queue) if not fut.done()]
-            if not batch:
-                continue
-            try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(batch)} items")
-            except Exception as e:  # the requests get the error (500); the worker lives on
-                log.exception("micro-batch of %d failed", len(batch))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            self.batches += 1
-            self.items += len(batch)
-            for (_, fut), res in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(res)
-
-    async def close(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        self.executor.shutdown(wait=False, cancel_futures=True)
+def _metadata(live: LiveModel) -> dict[str, Any]:
+    rec = live.recommender
+    manifest = rec.bundle.manifest
+    return {
+        "format_version": manifest.get("format_version"), "num_items": rec.bundle.num_items,
+        "d_model": rec.bundle.d_model, "objective": manifest.get("objective"), "readout": manifest.get("readout"),
+        "model": (manifest.get("config") or {}).get("model", {}).get("name"),
+        "l2_normalize": manifest.get("l2_normalize"), "max_history": rec.max_history,
+        "bundle_max_history": rec.bundle.max_history, "metrics": manifest.get("metrics"),
+        "versions": manifest.get("versions"), "index": rec.index.kind, "tower": rec.bundle.tower_kind,
+        "item_id_type": "int" if rec.int_ids else "str", "max_k": MAX_K, "max_batch_requests": MAX_BATCH_REQUESTS,
+        "popular_item_ids": [rec.raw_ids[i - 1] for i in rec.popularity_order[:100]], "bundle": live.describe(),
+    }
 
 
-def _error(status: int, detail: Any) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
-
-
-class BodySizeLimit:
-    """ASGI middleware: request bodies over ``max_bytes`` get 413 (by Content-Length or while streaming)."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = _error(413, f"request body over {self.max_bytes} bytes")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None:
-            if not length.isdigit():
-                await _error(400, "invalid Content-Length")(scope, receive, send)
-                return
-            if int(length) > self.max_bytes:
-                await too_big(scope, receive, send)
-                return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await too_big(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+def _run_items(default: list[LiveModel], items: list[Any]) -> list[dict[str, Any]]:
+    """The batch function: items are ``(Recommender, Prepared)`` (or a bare ``Prepared`` for the live model);
+    each recommender's items go through one packed call of their own model."""
+    groups: dict[int, tuple[Recommender, list[int]]] = {}
+    for j, item in enumerate(items):
+        rec, _ = item if isinstance(item, tuple) else (default[0].recommender, item)
+        groups.setdefault(id(rec), (rec, []))[1].append(j)
+    out: list[dict[str, Any]] = [{} for _ in items]
+    for rec, rows in groups.values():
+        prepared = [items[j][1] if isinstance(items[j], tuple) else items[j] for j in rows]
+        for j, res in zip(rows, rec.run_batch(prepared)):
+            out[j] = res
+    return out
 
 
 def create_app(recommender: Recommender, *, max_batch: int = 64, max_wait_ms: float = 2.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int = 10_000) -> FastAPI:
-    """The FastAPI app; ``app.state.batcher`` / ``app.state.recommender`` expose the internals."""
-    batcher: MicroBatcher[Prepared, dict[str, Any]] = MicroBatcher(recommender.run_batch, max_batch, max_wait_ms,
-                                                                   max_queue)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int = 10_000, bundle_path: str | None = None,
+               api_key: str | None = None, bind_host: str = "127.0.0.1", request_timeout_ms: float | None = None,
+               reload_on_sighup: bool = False) -> FastAPI:
+    """The FastAPI app; ``app.state.batcher`` / ``app.state.recommender`` / ``app.state.live`` expose the
+    internals. ``bundle_path``: what SIGHUP and a body-less reload load (default: the live bundle's path);
+    ``bind_host``: without ``api_key`` the admin routes answer only when it is a loopback address."""
+    if request_timeout_ms is not None and not request_timeout_ms > 0:
+        raise ValueError(f"request_timeout_ms must be > 0, got {request_timeout_ms}")
+    live = [LiveModel(recommender, str(bundle_path or recommender.bundle.path))]
+    start_path = live[0].path
+    metadata = [_metadata(live[0])]
+    batcher: MicroBatcher[Any, dict[str, Any]] = MicroBatcher(lambda items: _run_items(live, items), max_batch,
+                                                              max_wait_ms, max_queue)
+    metrics = ServiceMetrics(batcher.depth)
+    batcher.on_batch = metrics.batch_size.observe
+    metrics.set_bundle(live[0].bundle_id, live[0].path, recommender.bundle.tower_kind)
+    reload_lock = asyncio.Lock()
+    reload_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reload")
+    timeout = None if request_timeout_ms is None else request_timeout_ms / 1000.0
+
+    async def reload(path: str) -> dict[str, Any]:
+        if reload_lock.locked():
+            raise ReloadError("another reload is in progress", status=409)
+        async with reload_lock:
+            old = live[0]
+            rec = old.recommender
+            t0 = time.perf_counter()
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    reload_pool, lambda: load_live_model(path, index=rec.index.kind, max_history=rec.max_history_option,
+                                                         tower=rec.bundle.tower_kind, expect_d=rec.bundle.d_model))
+            except ReloadError:
+                metrics.reloads.labels(result="refused").inc()
+                raise
+            metadata[0], live[0] = _metadata(new), new  # the swap: requests prepared before keep `old`
+            app.state.recommender, app.state.live = new.recommender, new
+            metrics.set_bundle(new.bundle_id, new.path, new.recommender.bundle.tower_kind)
+            metrics.reloads.labels(result="ok").inc()
+            log.info("reloaded: bundle %s (%s) replaces %s (%s)", new.bundle_id, new.path, old.bundle_id, old.path)
+            return {"status": "reloaded", "bundle": new.describe(), "previous": old.describe(),
+                    "seconds": round(time.perf_counter() - t0, 3)}
+
+    async def reload_logged(path: str) -> None:
+        try:
+            await reload(path)
+        except ReloadError as e:
+            log.error("reload of %s refused: %s (still serving %s)", path, e, live[0].bundle_id)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        if reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_logged(start_path)))
         yield
+        if reload_on_sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
         await batcher.close()
+        reload_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ssd4rec", lifespan=lifespan)
-    app.state.recommender, app.state.batcher = recommender, batcher
+    app.state.recommender, app.state.batcher, app.state.live, app.state.metrics = recommender, batcher, live[0], metrics
+    app.state.reload = reload
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    manifest = recommender.bundle.manifest
-    popular = [recommender.raw_ids[i - 1] for i in recommender.popularity_order[:100]]
-    metadata = {
-        "format_version": manifest.get("format_version"), "num_items": recommender.bundle.num_items,
-        "d_model": recommender.bundle.d_model, "objective": manifest.get("objective"),
-        "readout": manifest.get("readout"), "l2_normalize": manifest.get("l2_normalize"),
-        "max_history": recommender.max_history, "bundle_max_history": recommender.bundle.max_history,
-        "metrics": manifest.get("metrics"), "versions": manifest.get("versions"), "index": recommender.index.kind,
-        "item_id_type": "int" if recommender.int_ids else "str", "max_k": MAX_K,
-        "max_batch_requests": MAX_BATCH_REQUESTS, "popular_item_ids": popular,
-    }
+    app.add_middleware(ApiKeyAuth, api_key=api_key, admin_open=is_loopback(bind_host))
+    app.add_middleware(ObservedRequests, metrics=metrics, live_bundle_id=lambda: live[0].bundle_id)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
                   for e in exc.errors()]
         if any(e["type"] == "json_invalid" for e in errors):
-            return _error(400, [{**e, "msg": f"malformed JSON body: {e['msg']}"} for e in errors
-                                if e["type"] == "json_invalid"])
-        return _error(422, jsonable_encoder(errors))
+            return error_response(400, [{**e, "msg": f"malformed JSON body: {e['msg']}"} for e in errors
+                                        if e["type"] == "json_invalid"])
+        return error_response(422, jsonable_encoder(errors))
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return JSONResponse({"detail": f"overloaded: {exc}"}, status_code=503, headers={"Retry-After": "1"})
+        return error_response(503, f"overloaded: {exc}", {"Retry-After": "1"})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        metrics.deadlines.inc()
+        return error_response(503, f"deadline exceeded: {exc}", {"Retry-After": "1"})
+
+    @app.exception_handler(ReloadError)
+    async def refused(request: Request, exc: ReloadError) -> JSONResponse:
+        return error_response(exc.status, f"reload refused: {exc}; still serving bundle {live[0].bundle_id} "
+                                          f"({live[0].path})")
+
+    async def serve(request: Request, reqs: Sequence[RecommendRequest]) -> list[dict[str, Any]]:
+        model = live[0]
+        request.state.bundle_id = model.bundle_id
+        rec = model.recommender
+        work = batcher.submit_many([(rec, rec.prepare(r)) for r in reqs])
+        if timeout is None:
+            results = await work
+        else:
+            left = timeout - (time.perf_counter() - request.state.t0)
+            try:
+                results = await asyncio.wait_for(work, max(left, 0.0))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"not served within the request timeout of {request_timeout_ms:g} ms") from None
+        metrics.count_results(results)
+        return results
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "tower_calls": recommender.tower_calls,
-                             "tower_histories": recommender.tower_histories, "batches": batcher.batches,
+        rec = live[0].recommender
+        return JSONResponse({"status": "ok", "bundle_id": live[0].bundle_id, "tower_calls": rec.tower_calls,
+                             "tower_histories": rec.tower_histories, "batches": batcher.batches,
                              "requests": batcher.items})
 
     @app.get("/metadata")
     async def get_metadata() -> JSONResponse:
-        return JSONResponse(metadata)
+        return JSONResponse(metadata[0])
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.post("/recommend")
-    async def recommend(req: RecommendRequest) -> JSONResponse:
-        return JSONResponse(await batcher.submit(recommender.prepare(req)))
+    async def recommend(request: Request, req: RecommendRequest) -> JSONResponse:
+        return JSONResponse((await serve(request, [req]))[0])
 
     @app.post("/recommend/batch")
-    async def recommend_batch(req: BatchRequest) -> JSONResponse:
-        results = await batcher.submit_many([recommender.prepare(r) for r in req.requests]) if req.requests else []
-        return JSONResponse({"results": results})
+    async def recommend_batch(request: Request, req: BatchRequest) -> JSONResponse:
+        return JSONResponse({"results": await serve(request, req.requests) if req.requests else []})
+
+    @app.post("/admin/reload")
+    async def admin_reload(req: ReloadRequest) -> JSONResponse:
+        return JSONResponse(await reload(req.bundle or start_path))
 
     return app
 
 
-def load_service(bundle_path: str, *, index: str = "exact", max_history: int | None = None,
+def load_service(bundle_path: str, *, index: str = "exact", max_history: int | None = None, tower: str = "exported",
                  **app_options: Any) -> FastAPI:
-    """Load a bundle, build its index and return the app."""
-    from .bundle_io import load_serving_bundle
-    from .index import build_index
-
-    bundle = load_serving_bundle(bundle_path)
-    recommender = Recommender(bundle, build_index(index, bundle.item_vectors), max_history)
-    return create_app(recommender, **app_options)
+    """Load a bundle (verified and smoke-tested, as a reload is), build its index and return the app."""
+    model = load_live_model(bundle_path, index=index, max_history=max_history, tower=tower)
+    return create_app(model.recommender, bundle_path=bundle_path, **app_options)
 
 
-__all__ = ["BatchRequest", "MicroBatcher", "Prepared", "RecommendRequest", "Recommender", "create_app",
-           "load_service"]
+__all__ = ["BatchRequest", "MicroBatcher", "Overloaded", "Prepared", "RecommendRequest", "Recommender", "create_app",
+           "is_loopback", "load_service"]

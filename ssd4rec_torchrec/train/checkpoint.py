@@ -9,8 +9,13 @@ One checkpoint = one directory ``<run>/checkpoints/step-<global_step>/`` (or ``b
 - ``rng-rank<r>.pt``: each rank's torch RNG state (dropout), restored only at the same world size;
 - ``progress.json``: epoch, step within the epoch, global step, early-stopping state, world size.
 
-Atomicity: everything is written into ``.tmp-<name>``; after a barrier rank 0 writes ``progress.json``
-(fsynced) and renames the directory to ``<name>``. A directory counts as a checkpoint only when its name
+Atomicity: everything is written into ``.tmp-<name>``; after a barrier rank 0 writes ``manifest.json``
+(size and sha256 of every file), then ``progress.json`` (both fsynced) and renames the directory to
+``<name>``. A write error on any rank (disk full, an ``OSError``) is agreed on by every rank: the ``.tmp-``
+directory is removed and :class:`CheckpointWriteError` raised everywhere, so the previous complete
+checkpoint stays the latest. :func:`resume_checkpoint` checks the manifest and falls back past a
+truncated or corrupted checkpoint to the previous complete one, with a warning naming the bad one.
+A directory counts as a checkpoint only when its name
 matches and it holds ``progress.json`` and DCP's ``.metadata``, so a crash at any point leaves either
 the previous checkpoints or a ``.tmp-`` directory that :func:`latest_checkpoint` ignores and
 :func:`clean_temp` removes. Replacing ``best`` goes through ``.old-best`` (restored by
@@ -23,6 +28,7 @@ randomness from ``(seed, epoch, rank, step)``, so the data position is just ``(e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 PROGRESS = "progress.json"
+MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 
@@ -76,6 +83,75 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (raised on every rank; nothing of it is left behind)."""
+
+
+def _any_rank(flag: bool) -> bool:
+    """Collective when distributed: True on every rank if ``flag`` is True on any."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    """Size and sha256 of every file in a checkpoint directory (but the manifest and progress files)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name not in (MANIFEST, PROGRESS))
+    return {"files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is damaged (a missing, truncated or altered file), or None when it
+    matches its manifest. A checkpoint written without a manifest cannot be checked and passes."""
+    try:
+        json.loads((path / PROGRESS).read_text())
+    except (OSError, ValueError) as e:
+        return f"{PROGRESS} unreadable ({type(e).__name__})"
+    if not (path / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__})"
+    for name, entry in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def resume_checkpoint(root: Path, rank: int) -> Path | None:
+    """Collective: the newest complete checkpoint that matches its manifest (rank 0 checks, every rank
+    gets its answer); a damaged newer one is skipped with a warning that names it."""
+    choice: list[str | None] = [None]
+    if rank == 0:
+        for path in reversed(list_checkpoints(root)):
+            reason = verify_checkpoint(path)
+            if reason is None:
+                choice[0] = str(path)
+                break
+            log.warning("checkpoint %s is damaged (%s): falling back to the previous complete one", path, reason)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
 def _write_durable(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -102,38 +178,77 @@ def save_checkpoint(root: Path, name: str, model: torch.nn.Module, optimizer: Ke
                     progress: dict[str, Any], *, rank: int, keep: int | None = None) -> Path:
     """Collective (every rank calls it): write ``root/name`` atomically; returns the final directory.
 
-    ``keep``: afterwards delete all but the newest ``keep`` ``step-<n>`` checkpoints.
+    ``keep``: afterwards delete all but the newest ``keep`` ``step-<n>`` checkpoints. An error while
+    writing, on any rank, raises :class:`CheckpointWriteError` on every rank and leaves the existing
+    checkpoints as they were.
     """
-    root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f"{TMP_PREFIX}{name}", root / name
+    error: BaseException | None = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = e
+    _abort_if_failed(error, rank, tmp, final)
+    try:
+        state: dict[str, Any] = {"model": model.state_dict()}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        dcp.save(state, checkpoint_id=str(tmp))
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng-rank{rank}.pt")
+    except Exception as e:  # an OSError, or DCP's CheckpointException wrapping one rank's
+        error = e
+    _abort_if_failed(error, rank, tmp, final)  # also the barrier: all shards and RNG files are on disk
+    try:
+        if rank == 0:
+            _write_durable(tmp / MANIFEST, json.dumps(_manifest(tmp), indent=1, sort_keys=True) + "\n")
+            _write_durable(tmp / PROGRESS, json.dumps({**progress, "world_size": _world_size()}, indent=2,
+                                                      sort_keys=True) + "\n")
+            old = root / f"{OLD_PREFIX}{name}"
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)  # the commit point
+    except OSError as e:
+        error = e
+    _abort_if_failed(error, rank, tmp, final)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    state: dict[str, Any] = {"model": model.state_dict()}
-    if optimizer is not None:
-        state["optim"] = optimizer.state_dict()
-    dcp.save(state, checkpoint_id=str(tmp))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / f"rng-rank{rank}.pt")
-    _barrier()  # all shards and RNG files are on disk
-    if rank == 0:
-        _write_durable(tmp / PROGRESS, json.dumps({**progress, "world_size": _world_size()}, indent=2,
-                                                  sort_keys=True) + "\n")
-        old = root / f"{OLD_PREFIX}{name}"
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)  # the commit point
-        _fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
-        if keep is not None:
-            for stale in list_checkpoints(root)[:-keep]:
+        try:
+            _fsync_dir(root)
+        except OSError as e:
+            log.warning("could not fsync %s after writing %s: %s", root, final, e)
+        shutil.rmtree(root / f"{OLD_PREFIX}{name}", ignore_errors=True)
+    if rank == 0 and keep is not None:
+        for stale in list_checkpoints(root)[:-keep]:
+            try:
                 _remove(stale)
+            except OSError as e:
+                log.warning("could not delete the old checkpoint %s: %s", stale, e)
     _barrier()
     return final
+
+
+def _abort_if_failed(error: BaseException | None, rank: int, tmp: Path, final: Path) -> None:
+    """Collective: if any rank failed, remove the half-written directory and raise on every rank."""
+    if not _any_rank(error is not None):
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        old = final.with_name(f"{OLD_PREFIX}{final.name}")
+        if old.is_dir() and not final.exists():
+            old.rename(final)  # a failure between the two renames: the previous one comes back
+    if error is None:
+        reason = "it failed on another rank"
+    else:
+        text = str(error).splitlines()[0][:300] if str(error) else ""
+        reason = f"{type(error).__name__}: {text}"
+    raise CheckpointWriteError(f"checkpoint {final} was not written ({reason}); the previous checkpoints are "
+                               f"unchanged")
 
 
 def init_optimizer_state(optimizer: KeyedOptimizer) -> None:

@@ -173,6 +173,12 @@ class TrainSection:
     # start from the model weights of this checkpoint directory (e.g. runs/x/checkpoints/best) - fine-tuning
     # with another objective or backward scope; optimizer state and progress start fresh (a --resume wins)
     init_from: str | None = None
+    # a NaN / inf loss or dense gradient: "stop" the job (one line naming epoch, step and quantity; the last
+    # checkpoint stays the latest) or "skip" the step's update on every rank (counted in metrics.json)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    # a checkpoint that cannot be written (disk full, an I/O error on any rank) leaves the previous ones intact
+    # and either "fail"s the job with one line or, with "warn", logs a warning and trains on
+    checkpoint_errors: Literal["fail", "warn"] = "fail"
 
     def __post_init__(self) -> None:
         if self.init_from is not None and not (Path(self.init_from) / "progress.json").is_file():

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from ..data import FileFormat, PreprocessParams, SequenceDataset, SyntheticConfig, prepare
@@ -37,13 +36,65 @@ from ..eval.metrics import PROTOCOLS
 from ..eval.model_eval import evaluate, popularity_baseline
 from ..model import SSD4Rec
 from ..ops.native import native_ops
-from .checkpoint import clean_temp, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointWriteError,
+    clean_temp,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig, TrainSection
 from .distributed import DistContext, build_dmp, init_distributed
+from .guard import GuardedTrainPipeline, NonFiniteError
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "SSD4REC_FAULT_AT_STEP"  # test hook: "<rank>:<global step>" -> that rank SIGKILLs itself once
+MAX_SKIPPED_LISTED = 100  # metrics.json lists at most this many skipped steps (the count is exact)
+
+
+class TrainingStopped(RuntimeError):
+    """The job stopped on purpose (a one-line reason; ``exit_code`` for the app)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+EXIT_NONFINITE = 3
+EXIT_CHECKPOINT = 4
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after writing a checkpoint; rerun with --resume
+
+
+class Preemption:
+    """While active, SIGTERM (as a scheduler sends it to every rank) only sets a flag; the loop then writes a
+    checkpoint at the current step and stops. :meth:`requested` is collective when distributed, so every rank
+    stops after the same step even if the signal reached them at different steps."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+        log.warning("SIGTERM received: checkpointing at the end of this step")
+
+    def __enter__(self) -> Preemption:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def requested(self) -> bool:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signalled
+        flag = torch.tensor([int(self.signalled)], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def prepare_data(cfg: TrainConfig, ctx: DistContext) -> SequenceDataset:
@@ -152,7 +203,14 @@ def build_train_loader(cfg: TrainConfig, split, n_items: int, ctx: DistContext) 
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run the whole job on this rank; returns the ``metrics.json`` content."""
+    """Run the whole job on this rank; returns the ``metrics.json`` content. Raises :class:`TrainingStopped`
+    for a non-finite step (``train.on_nonfinite: stop``), a checkpoint write error (``checkpoint_errors:
+    fail``) or SIGTERM (after writing a checkpoint at the current step)."""
+    with Preemption() as preemption:
+        return _train(cfg, resume, preemption)
+
+
+def _train(cfg: TrainConfig, resume: bool, preemption: Preemption) -> dict:
     job_start = time.perf_counter()
     ctx = init_distributed()
     for noisy in ("torchrec", "fbgemm_gpu"):  # per-step INFO chatter from the pipeline and planner
@@ -181,8 +239,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     state = {"epoch": 0, "step": 0, "global_step": 0, "best_value": -math.inf, "best_epoch": None,
              "bad_evals": 0, "valid_history": [], "valid_timing": [], "train_seconds": 0.0, "wall_seconds": 0.0,
-             "stopped_early": False, "stopped_by_budget": False, "world_size": ctx.world_size}
-    latest = latest_checkpoint(ckpt_root) if resume else None
+             "stopped_early": False, "stopped_by_budget": False, "world_size": ctx.world_size,
+             "nonfinite_steps_skipped": 0, "nonfinite_skipped": []}
+    latest = resume_checkpoint(ckpt_root, ctx.rank) if resume else None
     if latest is None and cfg.train.init_from:
         load_checkpoint(Path(cfg.train.init_from), dmp, None, rank=ctx.rank, restore_rng=False)
         log.info("model weights initialised from %s", cfg.train.init_from)
@@ -206,13 +265,29 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         log.info("%d users, %d items; %d steps/epoch of %d examples per rank", ds.num_users, n_items,
                  steps_per_epoch, cfg.train.batch_size)
 
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, ctx.device)
+    pipeline = GuardedTrainPipeline(dmp, optimizer, ctx.device, on_nonfinite=cfg.train.on_nonfinite)
     every = cfg.train.checkpoint_every_steps
+
+    bars: list[tqdm] = []  # the open progress bar, closed before a stop so that the stop line comes last
+
+    def stop(message: str, exit_code: int) -> TrainingStopped:
+        for b in bars:
+            b.close()
+        return TrainingStopped(message, exit_code)
+
+    def guarded_save(name: str, opt) -> None:
+        """Write a checkpoint; a write error fails the job or, with ``checkpoint_errors: warn``, is logged."""
+        try:
+            save_checkpoint(ckpt_root, name, dmp, opt, state, rank=ctx.rank,
+                            keep=cfg.train.keep_checkpoints if opt is not None else None)
+        except CheckpointWriteError as e:
+            if cfg.train.checkpoint_errors == "fail":
+                raise stop(f"{e} (train.checkpoint_errors: fail)", EXIT_CHECKPOINT) from None
+            log.warning("%s; training goes on (train.checkpoint_errors: warn)", e)
 
     def save(name: str = "") -> None:
         state["wall_seconds"] = wall()
-        save_checkpoint(ckpt_root, name or f"step-{state['global_step']}", dmp, optimizer, state, rank=ctx.rank,
-                        keep=cfg.train.keep_checkpoints)
+        guarded_save(name or f"step-{state['global_step']}", optimizer)
 
     def validate(epoch: int) -> None:
         """Validate, record history and timing, update best/early stopping (``epoch``: the one trained)."""
@@ -230,7 +305,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                  state["best_value"])
         if value > state["best_value"]:
             state.update(best_value=value, best_epoch=epoch, bad_evals=0, best_valid=valid)
-            save_checkpoint(ckpt_root, "best", dmp, None, state, rank=ctx.rank)
+            guarded_save("best", None)
         else:
             state["bad_evals"] += 1
             if state["bad_evals"] >= cfg.train.patience:
@@ -238,7 +313,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 log.info("early stop after epoch %d (no improvement in %d validations)", epoch,
                          cfg.train.patience)
 
+    def preempted(where: str) -> None:
+        if preemption.requested():
+            latest = latest_checkpoint(ckpt_root)
+            raise stop(f"preempted by SIGTERM {where}; " + (f"checkpoint {latest} written, continue with --resume"
+                                                             if latest else "no checkpoint yet"), EXIT_PREEMPTED)
+
     while state["epoch"] < cfg.train.epochs and not state["stopped_early"]:
+        preempted(f"before epoch {state['epoch']}")  # the previous epoch's checkpoint is the current state
         # the budget may be spent already (resuming a run it stopped); resumed with a larger one, it trains on
         state["stopped_by_budget"] = _budget_reached(state["train_seconds"], budget)
         if state["stopped_by_budget"]:
@@ -250,6 +332,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                                                  max(steps_per_epoch - state["step"], 0)), tokens)
         bar = tqdm(total=steps_per_epoch, initial=state["step"], desc=f"epoch {epoch}", disable=not ctx.is_main,
                    dynamic_ncols=True, mininterval=1.0)
+        bars[:] = [bar]
         epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)
         out_of_time = False
         while True:
@@ -259,14 +342,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 loss, _rows = pipeline.progress(batches)
             except StopIteration:
                 break
+            except NonFiniteError as e:
+                latest = latest_checkpoint(ckpt_root)
+                raise stop(
+                    f"non-finite {e.quantity} at epoch {epoch} step {state['step'] + 1} (global step "
+                    f"{state['global_step'] + 1}); stopped (train.on_nonfinite: stop), latest checkpoint: "
+                    f"{latest or 'none'}", EXIT_NONFINITE) from None
             epoch_seconds += time.perf_counter() - t0
             state["step"] += 1
             state["global_step"] += 1
-            loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+            if pipeline.skipped is not None:
+                state["nonfinite_steps_skipped"] += 1
+                if len(state["nonfinite_skipped"]) < MAX_SKIPPED_LISTED:
+                    state["nonfinite_skipped"].append({"epoch": epoch, "step": state["step"],
+                                                       "global_step": state["global_step"],
+                                                       "quantity": pipeline.skipped})
+                log.warning("non-finite %s at epoch %d step %d: update skipped on every rank "
+                            "(train.on_nonfinite: skip)", pipeline.skipped, epoch, state["step"])
+            else:
+                loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+                bar.set_postfix(loss=f"{float(loss):.4f}",
+                                tok_s=f"{tokens[0] * ctx.world_size / epoch_seconds:.0f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", float(loss), state["global_step"])
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens[0] * ctx.world_size / epoch_seconds:.0f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", float(loss), state["global_step"])
             _maybe_fault(state["global_step"], ctx, run_dir)
             if _budget_reached(state["train_seconds"] + epoch_seconds, budget):
                 out_of_time = True
@@ -275,6 +374,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 state["train_seconds"] += epoch_seconds
                 epoch_seconds = 0.0
                 save()
+            if state["step"] < steps_per_epoch and preemption.requested():
+                state["train_seconds"] += epoch_seconds
+                epoch_seconds = 0.0
+                save()
+                preempted(f"at epoch {epoch} step {state['step']}")
         pipeline.detach()
         bar.close()
         state["train_seconds"] += epoch_seconds
@@ -316,6 +420,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                                                    sample_users=cfg.train.eval_sample_users, seed=cfg.seed)},
         "valid_history": state["valid_history"],
         "valid_timing": state["valid_timing"],
+        "nonfinite_steps_skipped": state["nonfinite_steps_skipped"],
+        "nonfinite_skipped": state["nonfinite_skipped"],
         "world_size": ctx.world_size,
         "dataset": {"name": cfg.data.dataset, **{k: ds.stats[k] for k in ("users", "items", "interactions")}},
         "model_parameters": sum(p.numel() for n, p in dmp.module.named_parameters() if not n.startswith("ec.")),

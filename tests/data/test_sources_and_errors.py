@@ -114,6 +114,62 @@ def test_bad_file_gives_one_clear_error_and_no_artifact(tmp_path, case):
     assert_no_artifacts(root)
 
 
+BIG = 10 << 20  # a 10 MB line
+BAD_BYTES = {
+    # name: (file name, content, expected substrings in the message)
+    "inter_not_utf8": ("n.inter", b"user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t\xff\xfe\t4\n",
+                       ["n.inter:3", "not valid UTF-8", "0xff"]),
+    "inter_not_utf8_header": ("h.inter", b"user_\xe9id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n",
+                              ["h.inter:1", "not valid UTF-8"]),
+    "dat_not_utf8": ("ratings.dat", b"1::2::5::100\n1::\xff::5::101\n", ["ratings.dat:2", "not valid UTF-8"]),
+    "csv_not_utf8": ("n.csv", b"user_id,item_id,timestamp\n1,2,3\n1,\xc3\x28,4\n", ["n.csv:3", "not valid UTF-8"]),
+    "tsv_not_utf8_time": ("n.tsv", b"user_id\titem_id\ttimestamp\n1\t2\t3\n1\t3\t\x80\n",
+                          ["n.tsv:3", "not valid UTF-8", "0x80"]),
+    "csv_header_only": ("h.csv", b"user_id,item_id,timestamp\n", ["h.csv", "no data rows"]),
+    "tsv_header_only": ("h.tsv", b"user_id\titem_id\ttimestamp\r\n", ["h.tsv", "no data rows"]),
+    "dat_id_with_separator": ("ratings.dat", b"1::2::5::100\n1::a::b::5::101\n",
+                              ["ratings.dat:2", "expected 4 '::'-separated fields, got 5"]),
+    "inter_id_with_separator": ("s.inter", b"user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\ta\tb\t4\n",
+                                ["s.inter:3", "expected 3 tab-separated fields, got 4"]),
+    "tsv_id_with_separator": ("s.tsv", b"user_id\titem_id\ttimestamp\n1\t2\t3\n1\ta\tb\t4\n",
+                              ["s.tsv:3", "expected 3 fields, got 4"]),
+    "csv_unquoted_id_with_separator": ("s.csv", b"user_id,item_id,timestamp\n1,2,3\n1,a,b,4\n",
+                                       ["s.csv:3", "expected 3 fields, got 4"]),
+    "inter_10mb_line": ("b.inter", b"user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t" + b"x" * BIG
+                        + b"\t4\n", ["b.inter:3", "line longer than 1048576 bytes"]),
+    "dat_10mb_line": ("ratings.dat", b"1::2::5::100\n1::" + b"7" * BIG + b"::5::101\n",
+                      ["ratings.dat:2", "line longer than"]),
+    "csv_10mb_line": ("b.csv", b"user_id,item_id,timestamp\n1,2,3\n1," + b"9" * BIG + b",4\n",
+                      ["b.csv:3", "line longer than 1048576 bytes"]),
+    "tsv_10mb_header": ("b.tsv", b"user_id\titem_id\ttimestamp" + b"\tx" * (BIG // 2) + b"\n1\t2\t3\n",
+                        ["b.tsv:1", "line longer than"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BYTES))
+def test_bad_bytes_give_one_line_naming_file_and_line(tmp_path, case):
+    name, content, expected = BAD_BYTES[case]
+    path = tmp_path / "in" / name
+    path.parent.mkdir()
+    path.write_bytes(content)
+    root = tmp_path / "datasets"
+    with pytest.raises(DataError) as err:
+        prepare(str(path), root=root)
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 1000, msg[:2000]
+    for part in expected:
+        assert part in msg, (part, msg)
+    assert_no_artifacts(root)
+
+
+def test_quoted_csv_id_may_contain_the_separator(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'user_id,item_id,timestamp\n"u,1","i,1",3\nu2,"i ""2""",4\n')
+    raw = load_file(path)
+    assert raw.user_ids[raw.user].tolist() == ["u,1", "u2"]
+    assert raw.item_ids[raw.item].tolist() == ["i,1", 'i "2"']
+
+
 def test_parquet_missing_column_and_bad_timestamp(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

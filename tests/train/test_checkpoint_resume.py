@@ -160,6 +160,9 @@ def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="mid-save"):
         ck.save_checkpoint(root, "step-2", model, opt, {"epoch": 0, "step": 2, "global_step": 2}, rank=0)
     monkeypatch.undo()
+    assert not (root / ".tmp-step-2").exists()  # a failed save removes what it wrote
+    (root / ".tmp-step-2").mkdir()  # as a process killed mid-save leaves it
+    (root / ".tmp-step-2" / "__0_0.distcp").write_bytes(b"partial")
     (root / "step-3").mkdir()  # renamed by hand without progress.json
     (root / "step-3" / ".metadata").write_bytes(b"x")
     (root / "step-4").mkdir()  # progress.json but no DCP metadata
