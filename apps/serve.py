@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=64, help="histories per packed tower call (default 64)")
     parser.add_argument("--max-wait-ms", type=float, default=2.0,
                         help="longest a request waits for others to share its tower call (default 2)")
-    parser.add_argument("--max-history", type=int, help="keep the most recent N known items (default: the bundle's)")
+    parser.add_argument("--max-history", type=int,
+                        help="keep the most recent N known items (default: the bundle's window; 4096 for a model "
+                             "trained on full histories)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--max-queue", type=int, default=10_000, help="queued requests before 503 (default 10000)")

@@ -63,8 +63,10 @@ class ServingBundle:
         return int(self.item_vectors.shape[1])
 
     @property
-    def max_history(self) -> int:
-        return int(self.manifest["max_history"])
+    def max_history(self) -> int | None:
+        """The history window the model was trained on; None when it was trained on full histories."""
+        value = self.manifest["max_history"]
+        return None if value is None else int(value)
 
 
 def file_entry(path: Path) -> dict[str, Any]:

@@ -261,7 +261,7 @@ def _queries(args) -> tuple[Tensor, Tensor]:
 
         bundle = load_serving_bundle(args.bundle)
         p = bundle.popularity + 1.0
-        lengths = gen.integers(1, bundle.max_history + 1, size=args.queries)
+        lengths = gen.integers(1, (bundle.max_history or 200) + 1, size=args.queries)
         values = torch.from_numpy(gen.choice(bundle.num_items, size=int(lengths.sum()), p=p / p.sum()) + 1)
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
         with torch.inference_mode():

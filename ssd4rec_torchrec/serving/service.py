@@ -55,6 +55,9 @@ MAX_K = 1000
 MAX_BATCH_REQUESTS = 1024
 MAX_REPORTED_UNKNOWN = 50
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+# Most recent items a model trained on full histories (bundle max_history null) reads per request, unless
+# --max-history says otherwise: the linear-cost encoder takes long histories, the request body bounds them anyway.
+FULL_HISTORY_CAP = 4096
 _DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")
 
 RawId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | Annotated[str, StringConstraints(max_length=256)]
@@ -103,10 +106,10 @@ class Recommender:
             raise ValueError(f"index has {index.num_items} items, bundle {bundle.num_items}")
         self.bundle, self.index = bundle, index
         self.max_history_option = max_history
-        self.max_history = int(max_history or bundle.max_history)
+        self.max_history = int(max_history or bundle.max_history or FULL_HISTORY_CAP)
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
-        if self.max_history > bundle.max_history:
+        if bundle.max_history is not None and self.max_history > bundle.max_history:
             log.warning("max_history %d exceeds the bundle's %d (the model was not trained on such lengths)",
                         self.max_history, bundle.max_history)
         ids = bundle.item_ids

@@ -52,7 +52,7 @@ def export_tower(tower: nn.Module, path: Path) -> None:
     torch.export.save(program, path)
 
 
-def write_fake_bundle(out: str | Path, *, num_items: int = 500, d: int = 16, max_history: int = 50,
+def write_fake_bundle(out: str | Path, *, num_items: int = 500, d: int = 16, max_history: int | None = 50,
                       string_ids: bool = False, seed: int = 0, tower_from: str | Path | None = None) -> Path:
     """Write a complete format-1 bundle with random item vectors, ids and popularity into ``out``
     (``tower_from``: copy that bundle's exported tower instead of exporting a new one; same sizes and seed)."""

@@ -309,3 +309,28 @@ def test_real_server_concurrency_and_loadtest(fake_bundle, tmp_path, capsys) -> 
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_full_history_bundle_serves_whole_histories(tmp_path, fake_bundle) -> None:
+    """A model trained on full histories (manifest max_history null) reads up to FULL_HISTORY_CAP items, or
+    --max-history when given, and its answer is the tower's on exactly that window."""
+    from ssd4rec_torchrec.serving.service import FULL_HISTORY_CAP
+    from ssd4rec_torchrec.serving.testing import write_fake_bundle
+
+    windowed = load_serving_bundle(fake_bundle)
+    num_items, window = windowed.num_items, windowed.max_history
+    root = write_fake_bundle(tmp_path / "full", num_items=num_items, d=windowed.d_model, max_history=None,
+                             tower_from=fake_bundle)
+    full = load_serving_bundle(root)
+    assert full.max_history is None
+    assert Recommender(full, ExactIndex(full.item_vectors)).max_history == FULL_HISTORY_CAP
+    assert Recommender(full, ExactIndex(full.item_vectors), max_history=7).max_history == 7
+    history = np.random.default_rng(3).integers(1, num_items + 1, size=window + 40).tolist()
+    with TestClient(load_service(str(root), max_wait_ms=0)) as c:
+        rec = c.app.state.recommender
+        meta = c.get("/metadata").json()
+        assert meta["bundle_max_history"] is None and meta["max_history"] == FULL_HISTORY_CAP
+        body = c.post("/recommend", json={"history": ids(rec, *history), "k": 10}).json()
+        assert body["truncated"] is False
+        full.tower = CountingTower(full.tower)
+        assert as_pairs(rec, body["items"]) == direct(full, history, 10, set(history))
