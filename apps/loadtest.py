@@ -210,6 +210,12 @@ async def run_level(host: str, port: int, bodies: list[bytes], concurrency: int,
     return out
 
 
+def _batch_cell(level: dict[str, Any]) -> str:
+    """The mean micro-batch column: n/a when the server could not be asked (it was stopped by SIGTERM)."""
+    mean = level.get("mean_batch")
+    return "n/a" if mean is None else f"{mean:g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
@@ -241,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for phase, p in rows:
             print(f"{r['concurrency']:>5} {phase:>7} {p['requests_per_s'] or 0:>9.1f} {p['p50_ms'] or 0:>8.2f} "
                   f"{p['p99_ms'] or 0:>8.2f} {p['max_ms'] or 0:>8.2f} {r['errors'] if phase == 'all' else '':>7} "
-                  f"{(r.get('mean_batch') or 0) if phase == 'all' else '':>6}")
+                  f"{_batch_cell(r) if phase == 'all' else '':>6}")
         if "stopped" in r:
             print(f"SIGTERM: {r['stopped']['answered_after_sigterm']} requests answered after it, "
                   f"{r['stopped']['refused']} connections closed or refused")
