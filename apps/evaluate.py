@@ -16,9 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ssd4rec_torchrec.config import ConfigError
+from ssd4rec_torchrec.config import ConfigError, load_train_config
 from ssd4rec_torchrec.data import DataError
-from ssd4rec_torchrec.train.config import load_train_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,8 @@ import os
 import sys
 from pathlib import Path
 
-from ssd4rec_torchrec.config import ConfigError
+from ssd4rec_torchrec.config import ConfigError, load_train_config
 from ssd4rec_torchrec.data import DataError
-from ssd4rec_torchrec.train.config import load_train_config
 from ssd4rec_torchrec.train.loop import TrainingStopped, train
 
 DEFAULT_CONFIG = "configs/tiny.yaml"

@@ -17,12 +17,12 @@ from torch import nn
 from torchrec.modules.embedding_configs import DataType, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 
+from .config import LossSection, ModelSection
 from .data.batches import FEATURES, SeqBatch, make_batch
 from .data.preprocess import FIRST_ITEM_INDEX, table_rows
 from .losses import full_softmax_cross_entropy
 from .nn import BiSSDEncoder
 from .nn.baselines import BERT4RecEncoder, SASRecEncoder
-from .train.config import LossSection, ModelSection
 
 TABLE = "item_embedding"
 TABLE_DTYPES = {"fp32": DataType.FP32, "fp16": DataType.FP16}

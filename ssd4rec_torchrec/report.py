@@ -26,8 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, from_dict, load_yaml
-from .train.config import load_train_config
+from .config import ConfigError, from_dict, load_train_config, load_yaml
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from ssd4rec_torchrec import losses
+from ssd4rec_torchrec.config import LossSection
 from ssd4rec_torchrec.data.preprocess import FIRST_ITEM_INDEX
 from ssd4rec_torchrec.losses import full_softmax_cross_entropy
 from ssd4rec_torchrec.model import RetrievalLoss
-from ssd4rec_torchrec.train.config import LossSection
 
 
 def _reference(user, catalog, target, weight):

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from ssd4rec_torchrec.config import LossSection, ModelSection
 from ssd4rec_torchrec.data.batches import make_batch
 from ssd4rec_torchrec.data.loader import LoaderSpec, TrainLoader
 from ssd4rec_torchrec.data.preprocess import leave_one_out
 from ssd4rec_torchrec.model import SSD4Rec
-from ssd4rec_torchrec.train.config import LossSection, ModelSection
 
 N_ITEMS = 40
 SMALL = dict(d_model=16, n_layers=2, d_state=8, headdim=8, chunk_size=4, dropout=0.0)

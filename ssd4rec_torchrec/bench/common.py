@@ -89,15 +89,14 @@ class SavedBytes:
 
 def load_dataset(cfg: Any) -> Any:
     """The training config's dataset (prepared or cached), as `train.loop.prepare_data` opens it on one rank."""
-    from dataclasses import asdict
 
-    from ssd4rec_torchrec.data import FileFormat, PreprocessParams, SyntheticConfig, prepare
+    from ssd4rec_torchrec.data import FileFormat, PreprocessParams, prepare
 
     d = cfg.data
     return prepare(
         d.dataset,
         params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates, time_key=d.time_key),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
-        synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
+        synthetic=d.synthetic if d.dataset == "synthetic" else None,
         full_catalog=d.full_catalog,
     )

@@ -161,12 +161,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from tqdm import tqdm
 
+    from ..config import load_train_config
     from ..data.loader import eval_batches, eval_user_sample
     from ..eval.metrics import PROTOCOLS, RankingMetrics
     from ..eval.model_eval import eval_histories, item_blocks
     from ..eval.sharded import sharded_score_ranks, sharded_topk
     from ..model import TABLE, SSD4Rec
-    from ..train.config import load_train_config
     from ..train.distributed import build_dmp, init_distributed
     from ..train.loop import build_train_loader, count_tokens, prepare_data
 
@@ -332,7 +332,7 @@ def _run_job(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float
 def launch(config: str, num_items: int, args: argparse.Namespace, overrides: list[str], workdir: Path
            ) -> dict[str, Any]:
     """Run the job at one catalog size; returns the parent's view plus every rank's report."""
-    from ..train.config import load_train_config
+    from ..config import load_train_config
 
     sets = [*overrides, f"data.synthetic.num_items={num_items}"]
     cfg = load_train_config(config, sets)
@@ -381,7 +381,7 @@ def launch(config: str, num_items: int, args: argparse.Namespace, overrides: lis
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Try each catalog size in turn; stop at the first that does not fit; report memory and time."""
-    from ..train.config import load_train_config
+    from ..config import load_train_config
 
     if args.ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")

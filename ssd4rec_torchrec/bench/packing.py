@@ -80,9 +80,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time packed vs padded steps on the first batches of a shuffled epoch; exact epoch waste."""
     from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.bench.mfu import bissd_flops_per_token
-    from ssd4rec_torchrec.config import to_dict
+    from ssd4rec_torchrec.config import load_train_config, to_dict
     from ssd4rec_torchrec.model import build_encoder
-    from ssd4rec_torchrec.train.config import load_train_config
 
     preset = QUICK if args.quick else FULL
     bs = args.batch_size or preset["batch_size"]

@@ -71,8 +71,8 @@ def full_epoch(config: str, overrides: list[str], world_size: int) -> dict[str, 
     """Steps and history tokens (all ranks) of one full epoch of this config at `world_size`."""
     from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.bench.objective import epoch_tokens
+    from ssd4rec_torchrec.config import load_train_config
     from ssd4rec_torchrec.data.loader import LoaderSpec, TrainLoader
-    from ssd4rec_torchrec.train.config import load_train_config
 
     cfg = load_train_config(config, overrides)
     ds = load_dataset(cfg)

@@ -16,7 +16,7 @@ from .preprocess import (
 )
 from .sources import FileFormat, cache_dir, fetch_wheel, load_file
 from .store import SequenceDataset
-from .synthetic import SyntheticConfig, generate_synthetic
+from .synthetic import SyntheticConfig, generate_synthetic, synthetic_checksum
 
 __all__ = [
     "FIRST_ITEM_INDEX",
@@ -37,5 +37,6 @@ __all__ = [
     "load_file",
     "mask_index",
     "prepare",
+    "synthetic_checksum",
     "table_rows",
 ]

@@ -1,6 +1,6 @@
 """Epochs of training examples and eval batches, sharded by user across ranks, deterministic by seed.
 
-Objectives (see ``train.config.ObjectiveSection``):
+Objectives (see ``config.ObjectiveSection``):
 
 - ``prefix`` (the paper's): an example is a prefix ``i_1..i_c`` of a user's training history with
   target ``i_{c+1}``, read out at the prefix's last token. ``prefixes_per_user="all"`` takes every

@@ -13,7 +13,7 @@ from .errors import DataError
 from .preprocess import PreprocessParams, build_sequences
 from .sources import WHEELS, FileFormat, cache_dir, load_file, load_ml1m, load_ml100k, sha256_file
 from .store import SequenceDataset, cache_key, write_dataset
-from .synthetic import SyntheticConfig, generate_synthetic
+from .synthetic import SyntheticConfig, generate_synthetic, synthetic_checksum
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def prepare(
         name, checksum = dataset, WHEELS[dataset].sha256
     elif dataset == "synthetic":
         synthetic = synthetic or SyntheticConfig()
-        name, checksum = "synthetic", synthetic.checksum()
+        name, checksum = "synthetic", synthetic_checksum(synthetic)
         key_params["synthetic"] = asdict(synthetic)
     else:
         path = Path(dataset)

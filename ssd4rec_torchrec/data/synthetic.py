@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from ..config.schema import SyntheticConfig
 from .interactions import RawInteractions
 
 log = logging.getLogger(__name__)
@@ -31,43 +32,10 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 
 
-@dataclass(frozen=True)
-class SyntheticConfig:
-    num_users: int = 5_000
-    num_items: int = 20_000
-    num_clusters: int = 100
-    mean_length: float = 40.0  # target mean before clipping (Pareto scale is derived from it)
-    length_alpha: float = 1.6  # Pareto tail index: smaller = heavier tail
-    min_length: int = 5
-    max_length: int = 10_000
-    zipf_exponent: float = 1.1
-    p_stay: float = 0.8  # probability that the next item stays in the current session's cluster
-    transition_probs: tuple[float, float, float] = (0.7, 0.2, 0.1)  # P(step = 1, 2, 3)
-    seed: int = 0
-    chunk_users: int = 200_000  # users generated per chunk (bounds memory)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "num_users": self.num_users >= 1,
-            "num_items": 1 <= self.num_items <= 10**9,
-            "num_clusters": 1 <= self.num_clusters <= self.num_items,
-            "mean_length": self.mean_length >= 1,
-            "length_alpha": self.length_alpha > 1.0,
-            "min_length": self.min_length >= 1,
-            "max_length": self.max_length >= self.min_length,
-            "zipf_exponent": self.zipf_exponent > 0,
-            "p_stay": 0.0 <= self.p_stay < 1.0,
-            "transition_probs": len(self.transition_probs) == 3 and abs(sum(self.transition_probs) - 1) < 1e-6
-            and min(self.transition_probs) >= 0,
-            "chunk_users": self.chunk_users >= 1,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"synthetic: invalid {name}={getattr(self, name)!r}")
-
-    def checksum(self) -> str:
-        blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+def synthetic_checksum(cfg: SyntheticConfig) -> str:
+    """Identifies the generated log: the generator version and every field of ``cfg``."""
+    blob = json.dumps({"generator": GENERATOR_VERSION, **asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def sample_lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
@@ -172,6 +140,6 @@ def generate_synthetic(cfg: SyntheticConfig, out_dir: str | Path, progress: bool
     load = lambda name: np.load(out / f"{name}.npy", mmap_mode="r")
     return RawInteractions(
         user=load("user"), item=load("item"), timestamp=load("timestamp"), user_ids=None, item_ids=None,
-        source=f"synthetic(seed={cfg.seed})", checksum=cfg.checksum(),
+        source=f"synthetic(seed={cfg.seed})", checksum=synthetic_checksum(cfg),
         extra={"num_user_codes": cfg.num_users, "num_item_codes": cfg.num_items},
     )

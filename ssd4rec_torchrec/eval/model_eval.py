@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..config import TrainConfig
 from ..data.batches import gather_segments
 from ..data.loader import eval_batches, eval_user_sample
 from ..data.preprocess import LeaveOneOut
-from ..train.config import TrainConfig
 from ..train.distributed import DistContext
 from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores
 from .sharded import ItemBlock, local_item_blocks, sharded_score_ranks

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import TrainConfig
 from ..data.loader import eval_batches
 from ..train.checkpoint import latest_checkpoint, load_checkpoint
-from ..train.config import TrainConfig
 from ..train.distributed import build_dmp, init_distributed
 from ..train.loop import prepare_data
 from .model_eval import eval_histories, evaluate, item_blocks

@@ -27,13 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import __version__
+from ..config import TrainConfig
 from ..data.batches import gather_segments
 from ..data.loader import eval_batches
 from ..data.preprocess import FIRST_ITEM_INDEX, mask_index
 from ..eval.offline import resolve_checkpoint
 from ..eval.sharded import local_item_blocks
 from ..train.checkpoint import load_checkpoint
-from ..train.config import TrainConfig
 from ..train.distributed import build_dmp, init_distributed
 from ..train.loop import prepare_data
 from .bundle import FORMAT_VERSION, ITEM_FILES, ITEM_IDS, MANIFEST, POPULARITY, TOWER, TOWER_AOTI, sha256_file

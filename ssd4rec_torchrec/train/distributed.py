@@ -22,8 +22,8 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from ..config import TrainSection
 from ..model import TABLE
-from .config import TrainSection
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,8 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from ..data import FileFormat, PreprocessParams, SequenceDataset, SyntheticConfig, prepare
+from ..config import TrainConfig, TrainSection
+from ..data import FileFormat, PreprocessParams, SequenceDataset, prepare
 from ..data.loader import LoaderSpec, NegativeSampler, TrainLoader, item_counts
 from ..eval.metrics import PROTOCOLS
 from ..eval.model_eval import evaluate, popularity_baseline
@@ -44,7 +44,6 @@ from .checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, TrainSection
 from .distributed import DistContext, build_dmp, init_distributed
 from .guard import GuardedTrainPipeline, NonFiniteError
 
@@ -103,7 +102,7 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext) -> SequenceDataset:
     kwargs = dict(
         params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates, time_key=d.time_key),
         file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
-        synthetic=SyntheticConfig(**asdict(d.synthetic)) if d.dataset == "synthetic" else None,
+        synthetic=d.synthetic if d.dataset == "synthetic" else None,
         full_catalog=d.full_catalog,
     )
     if ctx.is_main:

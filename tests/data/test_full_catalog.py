@@ -9,10 +9,9 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.data import PreprocessParams, SyntheticConfig, prepare
+from ssd4rec_torchrec.config import ConfigError, load_train_config
+from ssd4rec_torchrec.data import PreprocessParams, SyntheticConfig, prepare, synthetic_checksum
 from ssd4rec_torchrec.data.store import cache_key
-from ssd4rec_torchrec.train.config import load_train_config
 
 CFG = SyntheticConfig(num_users=300, num_items=20_000, num_clusters=20, mean_length=10, max_length=60, seed=3)
 
@@ -43,7 +42,7 @@ def test_default_cache_key_unchanged(tmp_path):
     ds = prepare("synthetic", synthetic=CFG, params=params, root=tmp_path)
     # the key as it was before full_catalog and time_key existed: their defaults stay out of it
     preprocess = {"user_k": params.user_k, "item_k": params.item_k, "duplicates": params.duplicates}
-    legacy = cache_key(CFG.checksum(), {"preprocess": preprocess, "synthetic": asdict(CFG)})
+    legacy = cache_key(synthetic_checksum(CFG), {"preprocess": preprocess, "synthetic": asdict(CFG)})
     assert ds.root.name == f"synthetic-{legacy}"
     assert "catalog" not in ds.stats
 

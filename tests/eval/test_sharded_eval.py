@@ -166,9 +166,9 @@ def test_replicated_table_split_by_rank_covers_every_item_once(world):
 def _worker(out: Path) -> None:
     import torch.distributed as dist
 
+    from ssd4rec_torchrec.config import LossSection, ModelSection, TrainSection
     from ssd4rec_torchrec.eval.sharded import sharded_score_ranks, sharded_topk
     from ssd4rec_torchrec.model import SSD4Rec
-    from ssd4rec_torchrec.train.config import LossSection, ModelSection, TrainSection
     from ssd4rec_torchrec.train.distributed import build_dmp, init_distributed
 
     torch.set_num_threads(1)

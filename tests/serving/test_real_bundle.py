@@ -45,8 +45,8 @@ def test_service_equals_offline_topk_dump(real) -> None:
     import pyarrow.csv as pacsv
     from fastapi.testclient import TestClient
 
+    from ssd4rec_torchrec.config import load_train_config
     from ssd4rec_torchrec.serving.service import load_service
-    from ssd4rec_torchrec.train.config import load_train_config
     from ssd4rec_torchrec.train.loop import prepare_data
 
     cfg = load_train_config(real.run / "config.yaml", [f"run_dir={real.run}"])

@@ -318,8 +318,8 @@ def _eval_worker(run_dir: str, out_dir: str) -> None:
     """Evaluate ``best`` and the latest step checkpoint of ``run_dir`` on this job's world size."""
     import torch.distributed as dist
 
+    from ssd4rec_torchrec.config import load_train_config
     from ssd4rec_torchrec.train.checkpoint import evaluate_checkpoint, latest_checkpoint
-    from ssd4rec_torchrec.train.config import load_train_config
 
     run, out = Path(run_dir), Path(out_dir)
     cfg = load_train_config(run / "config.yaml")

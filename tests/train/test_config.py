@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.train.config import TrainConfig, load_train_config
+from ssd4rec_torchrec.config import ConfigError, TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,8 +70,7 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_next_objective_needs_a_causal_encoder():
-    from ssd4rec_torchrec.config import ConfigError
-    from ssd4rec_torchrec.train.config import load_train_config
+    from ssd4rec_torchrec.config import ConfigError, load_train_config
 
     cfg = load_train_config("configs/ml1m_cloze.yaml", ["objective.name=next", "model.beta=0"])
     assert cfg.objective.name == "next" and cfg.model.beta == 0  # forward-only SSD4Rec is causal

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ssd4rec_torchrec.config import ConfigError, deep_merge, load_yaml
-from ssd4rec_torchrec.train.config import TrainConfig, load_train_config
+from ssd4rec_torchrec.config import ConfigError, TrainConfig, deep_merge, load_train_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -109,11 +108,11 @@ def _write(path: Path, text: str) -> Path:
 
 def test_base_deep_merges_nested_sections(tmp_path):
     _write(tmp_path / "base.yaml", "seed: 1\nmodel: {d_model: 32, n_layers: 3}\n"
-                                   "data: {dataset: synthetic, synthetic: {num_users: 10, num_items: 20}}\n")
+                                   "data: {dataset: synthetic, synthetic: {num_users: 10, num_items: 20, num_clusters: 5}}\n")
     child = _write(tmp_path / "sub" / "child.yaml",
                    "base: ../base.yaml\nmodel: {n_layers: 1}\ndata: {synthetic: {num_items: 30}}\n")
     assert load_yaml(child) == {"seed": 1, "model": {"d_model": 32, "n_layers": 1},
-                                "data": {"dataset": "synthetic", "synthetic": {"num_users": 10, "num_items": 30}}}
+                                "data": {"dataset": "synthetic", "synthetic": {"num_users": 10, "num_items": 30, "num_clusters": 5}}}
     cfg = load_train_config(child, ["model.d_model=16"])
     assert (cfg.seed, cfg.model.d_model, cfg.model.n_layers) == (1, 16, 1)
     assert (cfg.data.synthetic.num_users, cfg.data.synthetic.num_items) == (10, 30)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.train.config import load_train_config
+from ssd4rec_torchrec.config import ConfigError, load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["data.synthetic.num_users=200", "data.synthetic.num_items=200", "train.batch_size=32",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from ssd4rec_torchrec.train.config import TrainSection
+from ssd4rec_torchrec.config import TrainSection
 from ssd4rec_torchrec.train.loop import dense_lr, set_dense_lr
 
 

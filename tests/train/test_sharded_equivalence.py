@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 import torch
 
+from ssd4rec_torchrec.config import LossSection, ModelSection, TrainSection
 from ssd4rec_torchrec.data import PreprocessParams, SyntheticConfig, prepare
 from ssd4rec_torchrec.data.batches import SeqBatch, make_batch
 from ssd4rec_torchrec.data.loader import LoaderSpec, TrainLoader
 from ssd4rec_torchrec.model import SSD4Rec
-from ssd4rec_torchrec.train.config import LossSection, ModelSection, TrainSection
 
 WORLD = 2
 SEED = 7

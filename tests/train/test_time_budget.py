@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.train.config import load_train_config
+from ssd4rec_torchrec.config import ConfigError, load_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET = 2.0

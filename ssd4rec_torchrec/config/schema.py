@@ -1,4 +1,7 @@
-"""The training job's config (one YAML per dataset/scale under ``configs/``). Every field has a default."""
+"""The one config schema: a run's sections as dataclasses (one YAML per dataset/scale under ``configs/``).
+
+Every field has a default, defined here only; the loader (:mod:`.loader`) validates YAML and ``--set`` against it.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .loader import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 
-@dataclass
-class SyntheticSection:
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The synthetic interaction generator (``data.synthetic``): see :mod:`ssd4rec_torchrec.data.synthetic`."""
+
     num_users: int = 2_000
     num_items: int = 2_000
     num_clusters: int = 50
-    mean_length: float = 30.0
-    length_alpha: float = 1.6
+    mean_length: float = 30.0  # target mean before clipping (Pareto scale is derived from it)
+    length_alpha: float = 1.6  # Pareto tail index: smaller = heavier tail
     min_length: int = 5
     max_length: int = 1_000
     zipf_exponent: float = 1.1
-    p_stay: float = 0.8
+    p_stay: float = 0.8  # probability that the next item stays in the current session's cluster
+    transition_probs: tuple[float, float, float] = (0.7, 0.2, 0.1)  # P(step = 1, 2, 3)
     seed: int = 0
+    chunk_users: int = 200_000  # users generated per chunk (bounds memory)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_users": self.num_users >= 1,
+            "num_items": 1 <= self.num_items <= 10**9,
+            "num_clusters": 1 <= self.num_clusters <= self.num_items,
+            "mean_length": self.mean_length >= 1,
+            "length_alpha": self.length_alpha > 1.0,
+            "min_length": self.min_length >= 1,
+            "max_length": self.max_length >= self.min_length,
+            "zipf_exponent": self.zipf_exponent > 0,
+            "p_stay": 0.0 <= self.p_stay < 1.0,
+            "transition_probs": len(self.transition_probs) == 3 and abs(sum(self.transition_probs) - 1) < 1e-6
+            and min(self.transition_probs) >= 0,
+            "chunk_users": self.chunk_users >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"synthetic: invalid {name}={getattr(self, name)!r}")
 
 
 @dataclass
@@ -36,7 +62,7 @@ class DataSection:
     user_col: str = "user_id"
     item_col: str = "item_id"
     time_col: str = "timestamp"
-    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # keep the source's whole catalog in the item table (items 1..catalog size, raw-id order), including
     # items that k-core filtering removed or that nobody interacted with (cold items); the synthetic
     # catalog is ``synthetic.num_items``. false: only items that survive k-core (the default)
