@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ssd4rec_torchrec.serving.bundle_io import TOWER_KINDS
+    from ssd4rec_torchrec.bundle import TOWER_KINDS
     from ssd4rec_torchrec.serving.index import INDEX_KINDS
     from ssd4rec_torchrec.serving.service import DEFAULT_MAX_BODY_BYTES
 

@@ -1,5 +1,7 @@
-"""Full-softmax cross-entropy over the whole catalog as one autograd Function.
+"""Every training loss: the full softmax over the whole catalog (one autograd Function, below) and the
+sampled softmax (:func:`sampled_softmax_loss`: sampled and/or in-batch negatives, logQ correction).
 
+Full softmax:
 For user vectors ``u`` (R, d), catalog rows ``c`` (I, d) and target columns ``t`` (R,), the per-row loss is
 
     loss_r = logsumexp_i(u_r · c_i) − u_r · c_{t_r}
@@ -37,9 +39,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["full_softmax_cross_entropy"]
+from .config import LossSection
+
+__all__ = ["full_softmax_cross_entropy", "sampled_softmax_loss"]
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -144,3 +149,37 @@ def full_softmax_cross_entropy(user: torch.Tensor, catalog: torch.Tensor, target
             bad = lo.item() if lo.item() < 0 else hi.item()
             raise IndexError(f"Target {bad} is out of bounds (catalog has {catalog.shape[0]} rows).")
     return _FullSoftmaxCrossEntropy.apply(user, catalog, target)
+
+
+def sampled_softmax_loss(
+    user: torch.Tensor,
+    pos: torch.Tensor,
+    targets: torch.Tensor,
+    neg: torch.Tensor,
+    neg_ids: torch.Tensor,
+    neg_logq: torch.Tensor,
+    target_logq: torch.Tensor,
+    cfg: LossSection,
+) -> torch.Tensor:
+    """Sampled softmax with sampled and/or in-batch negatives, logQ correction, accidental-hit masking,
+    temperature and optional L2 normalisation. Returns the per-row loss (R,)."""
+    if cfg.l2_normalize:
+        user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
+    pos_logit = (user * pos).sum(-1, keepdim=True)
+    blocks = [pos_logit]
+    hit_masks = [torch.zeros_like(pos_logit, dtype=torch.bool)]
+    if neg.shape[0]:
+        logits = user @ neg.T
+        if cfg.logq_correction:
+            logits = logits - neg_logq[None, :]
+        blocks.append(logits)
+        hit_masks.append(neg_ids[None, :] == targets[:, None])
+    if cfg.in_batch_negatives and user.shape[0] > 1:
+        logits = user @ pos.T
+        if cfg.logq_correction:
+            logits = logits - target_logq[None, :]
+        blocks.append(logits)
+        hit_masks.append(targets[None, :] == targets[:, None])  # includes the diagonal (the positive)
+    logits = torch.cat(blocks, dim=1) / cfg.temperature
+    logits = logits.masked_fill(torch.cat(hit_masks, dim=1), torch.finfo(logits.dtype).min)
+    return -torch.log_softmax(logits.float(), dim=-1)[:, 0]

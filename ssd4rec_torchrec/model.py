@@ -20,7 +20,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from .config import LossSection, ModelSection
 from .data.batches import FEATURES, SeqBatch, make_batch
 from .data.preprocess import FIRST_ITEM_INDEX, table_rows
-from .losses import full_softmax_cross_entropy
+from .losses import full_softmax_cross_entropy, sampled_softmax_loss
 from .nn import BiSSDEncoder
 from .nn.baselines import BERT4RecEncoder, SASRecEncoder
 
@@ -55,40 +55,6 @@ def build_encoder(cfg: ModelSection) -> torch.nn.Module:
         norm_embedding=cfg.norm_embedding, positional=cfg.positional, max_positions=cfg.max_positions,
         kernel=cfg.kernel, autocast=cfg.autocast,
     )
-
-
-def sampled_softmax_loss(
-    user: torch.Tensor,
-    pos: torch.Tensor,
-    targets: torch.Tensor,
-    neg: torch.Tensor,
-    neg_ids: torch.Tensor,
-    neg_logq: torch.Tensor,
-    target_logq: torch.Tensor,
-    cfg: LossSection,
-) -> torch.Tensor:
-    """Sampled softmax with sampled and/or in-batch negatives, logQ correction, accidental-hit masking,
-    temperature and optional L2 normalisation. Returns the per-row loss (R,)."""
-    if cfg.l2_normalize:
-        user, pos, neg = F.normalize(user, dim=-1), F.normalize(pos, dim=-1), F.normalize(neg, dim=-1)
-    pos_logit = (user * pos).sum(-1, keepdim=True)
-    blocks = [pos_logit]
-    hit_masks = [torch.zeros_like(pos_logit, dtype=torch.bool)]
-    if neg.shape[0]:
-        logits = user @ neg.T
-        if cfg.logq_correction:
-            logits = logits - neg_logq[None, :]
-        blocks.append(logits)
-        hit_masks.append(neg_ids[None, :] == targets[:, None])
-    if cfg.in_batch_negatives and user.shape[0] > 1:
-        logits = user @ pos.T
-        if cfg.logq_correction:
-            logits = logits - target_logq[None, :]
-        blocks.append(logits)
-        hit_masks.append(targets[None, :] == targets[:, None])  # includes the diagonal (the positive)
-    logits = torch.cat(blocks, dim=1) / cfg.temperature
-    logits = logits.masked_fill(torch.cat(hit_masks, dim=1), torch.finfo(logits.dtype).min)
-    return -torch.log_softmax(logits.float(), dim=-1)[:, 0]
 
 
 class RetrievalLoss(nn.Module):
@@ -159,4 +125,4 @@ class SSD4Rec(nn.Module):
         return F.normalize(items, dim=-1) if self.l2_normalize else items
 
 
-__all__ = ["TABLE", "RetrievalLoss", "SSD4Rec", "build_encoder", "item_table_config", "sampled_softmax_loss"]
+__all__ = ["TABLE", "RetrievalLoss", "SSD4Rec", "build_encoder", "item_table_config"]

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from ssd4rec_torchrec.config import LossSection, ModelSection
 from ssd4rec_torchrec.data.loader import LoaderSpec, NegativeSampler, TrainLoader
 from ssd4rec_torchrec.data.preprocess import leave_one_out
-from ssd4rec_torchrec.model import SSD4Rec, sampled_softmax_loss
+from ssd4rec_torchrec.losses import sampled_softmax_loss
+from ssd4rec_torchrec.model import SSD4Rec
 
 
 def _naive_sampled(user, pos, targets, neg, neg_ids, neg_logq, target_logq, cfg):

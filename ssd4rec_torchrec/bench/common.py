@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SavedBytes", "fit_power_law", "load_dataset", "target_verdict"]
+__all__ = ["SavedBytes", "fit_power_law", "target_verdict"]
 
 
 def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
@@ -85,18 +85,3 @@ class SavedBytes:
         unpack: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
             yield self
-
-
-def load_dataset(cfg: Any) -> Any:
-    """The training config's dataset (prepared or cached), as `train.loop.prepare_data` opens it on one rank."""
-
-    from ssd4rec_torchrec.data import FileFormat, PreprocessParams, prepare
-
-    d = cfg.data
-    return prepare(
-        d.dataset,
-        params=PreprocessParams(user_k=d.user_k, item_k=d.item_k, duplicates=d.duplicates, time_key=d.time_key),
-        file_format=FileFormat(d.format, d.user_col, d.item_col, d.time_col),
-        synthetic=d.synthetic if d.dataset == "synthetic" else None,
-        full_catalog=d.full_catalog,
-    )

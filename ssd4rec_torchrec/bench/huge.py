@@ -155,20 +155,19 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     import itertools
 
-    import numpy as np
     import torch
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
     from tqdm import tqdm
 
     from ..config import load_train_config
-    from ..data.loader import eval_batches, eval_user_sample
+    from ..data.loader import eval_user_sample
     from ..eval.metrics import PROTOCOLS, RankingMetrics
-    from ..eval.model_eval import eval_histories, item_blocks
+    from ..eval.model_eval import eval_user_batches, item_blocks
     from ..eval.sharded import sharded_score_ranks, sharded_topk
-    from ..model import TABLE, SSD4Rec
-    from ..train.distributed import build_dmp, init_distributed
-    from ..train.loop import build_train_loader, count_tokens, prepare_data
+    from ..job import build_run, init_distributed, prepare_data
+    from ..model import TABLE
+    from ..train.loop import build_train_loader, count_tokens
 
     cfg = load_train_config(args.config, args.overrides)
     ctx = init_distributed()
@@ -186,9 +185,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     phases.done("data", interactions=int(ds.num_interactions), users=int(ds.num_users),
                 active_items=int(ds.stats.get("active_items", n_items)))
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    dmp, optimizer = build_dmp(SSD4Rec(n_items, cfg.model, cfg.loss, device="meta"), cfg.train, ctx)
+    job = build_run(cfg, ctx, data=(ds, split))
+    dmp, optimizer = job.dmp, job.optimizer
     weight = dmp.module.ec.state_dict()[f"embeddings.{TABLE}.weight"]
     shards = weight.local_shards() if hasattr(weight, "local_shards") else []
     table_bytes = _local_bytes(weight)
@@ -228,13 +226,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     rank_s = topk_s = 0.0
     first_topk = None
     with torch.no_grad():
-        for batch in eval_batches(split, n_items, "test", objective=cfg.objective.name,
-                                  batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
-                                  rank=ctx.rank, world_size=ctx.world_size, users=sample):
-            keep = batch.weights > 0
-            vectors = model.user_vectors(batch.to(ctx.device)).float()[keep]
-            targets = batch.targets[keep]
-            hv, ho = eval_histories(split, "test", batch.users[keep].numpy())
+        for b in eval_user_batches(model, split, "test", cfg, ctx, n_items, users=sample):
+            vectors, targets, hv, ho = b.vectors, b.targets, b.history_values, b.history_offsets
             t0 = time.perf_counter()
             ranks = sharded_score_ranks(vectors, targets, hv, ho, blocks, n_items)
             t1 = time.perf_counter()
@@ -243,7 +236,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             for p in PROTOCOLS:
                 metrics[p].update(ranks[p])
             if first_topk is None and len(targets):
-                first_topk = {"user": int(batch.users[keep][0]), "target_col": int(targets[0]) - 1,
+                first_topk = {"user": int(b.users[0]), "target_col": int(targets[0]) - 1,
                               "cols": cols[0].tolist(), "scores": scores[0].tolist()}
     result = {p: m.all_reduce().compute() for p, m in metrics.items()}
     phases.done("eval", users=0 if sample is None else len(sample), blocks=len(blocks), rank_seconds=round(rank_s, 3),

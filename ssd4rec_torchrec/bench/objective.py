@@ -83,9 +83,9 @@ class _Trainer:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Tokens/epoch (exact) and seconds/epoch (extrapolated from timed steps) for each objective."""
-    from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.config import load_train_config
     from ssd4rec_torchrec.data.loader import LoaderSpec, TrainLoader
+    from ssd4rec_torchrec.job import load_dataset
 
     preset = QUICK if args.quick else FULL
     cfg = load_train_config(args.config)

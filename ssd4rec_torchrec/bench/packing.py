@@ -78,9 +78,9 @@ def _points(enc: torch.nn.Module, lengths: np.ndarray, d_model: int) -> tuple[Po
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time packed vs padded steps on the first batches of a shuffled epoch; exact epoch waste."""
-    from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.bench.mfu import bissd_flops_per_token
     from ssd4rec_torchrec.config import load_train_config, to_dict
+    from ssd4rec_torchrec.job import load_dataset
     from ssd4rec_torchrec.model import build_encoder
 
     preset = QUICK if args.quick else FULL

@@ -69,10 +69,10 @@ def parse_train_log(text: str) -> dict[str, Any]:
 
 def full_epoch(config: str, overrides: list[str], world_size: int) -> dict[str, int]:
     """Steps and history tokens (all ranks) of one full epoch of this config at `world_size`."""
-    from ssd4rec_torchrec.bench.common import load_dataset
     from ssd4rec_torchrec.bench.objective import epoch_tokens
     from ssd4rec_torchrec.config import load_train_config
     from ssd4rec_torchrec.data.loader import LoaderSpec, TrainLoader
+    from ssd4rec_torchrec.job import load_dataset
 
     cfg = load_train_config(config, overrides)
     ds = load_dataset(cfg)

@@ -6,6 +6,8 @@ the per-rank counts are reduced (``eval.sharded``); results equal a single-proce
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,7 +17,7 @@ from ..config import TrainConfig
 from ..data.batches import gather_segments
 from ..data.loader import eval_batches, eval_user_sample
 from ..data.preprocess import LeaveOneOut
-from ..train.distributed import DistContext
+from ..job.distributed import DistContext
 from .metrics import DEFAULT_KS, PROTOCOLS, RankingMetrics, popularity_scores, ranks_from_scores
 from .sharded import ItemBlock, local_item_blocks, sharded_score_ranks
 
@@ -41,6 +43,32 @@ def item_blocks(model: SSD4Rec, ctx: DistContext) -> list[ItemBlock]:
                              normalize=model.l2_normalize)
 
 
+@dataclass
+class EvalBatch:
+    """One batch of evaluated users: their user vectors, targets and input histories (on the job's device)."""
+
+    users: np.ndarray  # (B,) user indices
+    vectors: torch.Tensor  # (B, d) float32
+    targets: torch.Tensor  # (B,) item indices
+    history_values: torch.Tensor  # jagged input histories (the filtered protocol removes these items)
+    history_offsets: torch.Tensor
+
+
+def eval_user_batches(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
+                      num_items: int, users: np.ndarray | None = None) -> Iterator[EvalBatch]:
+    """The evaluation loop every evaluator shares: this rank's share of ``users`` (default: all) in batches of
+    ``train.eval_batch_users``, encoded by ``model`` (call under ``torch.no_grad()`` in eval mode)."""
+    for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
+                              batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
+                              rank=ctx.rank, world_size=ctx.world_size, users=users):
+        vectors = model.user_vectors(batch.to(ctx.device))
+        keep = batch.weights > 0
+        kept = batch.users[keep].numpy()
+        hv, ho = eval_histories(split, which, kept)
+        yield EvalBatch(kept, vectors[keep.to(ctx.device)].float(), batch.targets[keep].to(ctx.device),
+                        hv.to(ctx.device), ho.to(ctx.device))
+
+
 @torch.no_grad()
 def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, ctx: DistContext,
              num_items: int, ks=DEFAULT_KS) -> dict[str, dict[str, float]]:
@@ -51,15 +79,8 @@ def evaluate(model: SSD4Rec, split: LeaveOneOut, which: str, cfg: TrainConfig, c
     blocks = item_blocks(model, ctx)
     metrics = {p: RankingMetrics(ks) for p in PROTOCOLS}
     sample = eval_user_sample(len(split.valid_targets), cfg.train.eval_sample_users, cfg.seed)
-    for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
-                              batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
-                              rank=ctx.rank, world_size=ctx.world_size, users=sample):
-        vectors = model.user_vectors(batch.to(ctx.device))
-        keep = batch.weights > 0
-        users = batch.users[keep].numpy()
-        hv, ho = eval_histories(split, which, users)
-        ranks = sharded_score_ranks(vectors[keep.to(ctx.device)].float(), batch.targets[keep].to(ctx.device),
-                                    hv.to(ctx.device), ho.to(ctx.device), blocks, num_items)
+    for b in eval_user_batches(model, split, which, cfg, ctx, num_items, users=sample):
+        ranks = sharded_score_ranks(b.vectors, b.targets, b.history_values, b.history_offsets, blocks, num_items)
         for p in PROTOCOLS:
             metrics[p].update(ranks[p])
     model.train(was_training)

@@ -15,25 +15,13 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainConfig
-from ..data.loader import eval_batches
-from ..train.checkpoint import latest_checkpoint, load_checkpoint
-from ..train.distributed import build_dmp, init_distributed
-from ..train.loop import prepare_data
-from .model_eval import eval_histories, evaluate, item_blocks
+from ..job import restore
+from .model_eval import eval_user_batches, evaluate, item_blocks
 from .sharded import sharded_topk
 
 log = logging.getLogger(__name__)
 
 DUMP_COLUMNS = ("user_id", "rank", "item_id", "score", "target_item_id")
-
-
-def resolve_checkpoint(run_dir: Path, which: str) -> Path:
-    """``best`` | ``latest`` | a path -> a checkpoint directory (clear error if missing)."""
-    ckpts = run_dir / "checkpoints"
-    path = latest_checkpoint(ckpts) if which == "latest" else (ckpts / "best" if which == "best" else Path(which))
-    if path is None or not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{run_dir}: no {which!r} checkpoint found (looked in {ckpts})")
-    return path
 
 
 @torch.no_grad()
@@ -44,18 +32,12 @@ def _topk_rows(model, split, which: str, cfg: TrainConfig, ctx, num_items: int, 
     blocks = item_blocks(model, ctx)
     cols: dict[str, list[np.ndarray]] = {c: [] for c in DUMP_COLUMNS}
     k = min(k, num_items)
-    for batch in eval_batches(split, num_items, which, objective=cfg.objective.name,
-                              batch_users=cfg.train.eval_batch_users, max_history=cfg.objective.max_history,
-                              rank=ctx.rank, world_size=ctx.world_size):
-        keep = (batch.weights > 0).numpy()
-        vectors = model.user_vectors(batch.to(ctx.device)).float()[torch.from_numpy(keep).to(ctx.device)]
-        users = batch.users.numpy()[keep]
-        targets = batch.targets[torch.from_numpy(keep)]
-        hv = ho = None
-        if protocol == "filtered":
-            hv, ho = (t.to(ctx.device) for t in eval_histories(split, which, users))
-        top_scores, top_cols = sharded_topk(vectors, targets.to(ctx.device), blocks, num_items, k,
-                                            history_values=hv, history_offsets=ho)
+    for b in eval_user_batches(model, split, which, cfg, ctx, num_items):
+        filtered = protocol == "filtered"
+        top_scores, top_cols = sharded_topk(b.vectors, b.targets, blocks, num_items, k,
+                                            history_values=b.history_values if filtered else None,
+                                            history_offsets=b.history_offsets if filtered else None)
+        users, targets = b.users, b.targets.cpu()
         if not len(users):
             continue
         b = len(users)
@@ -91,18 +73,10 @@ def evaluate_run(cfg: TrainConfig, checkpoint: str = "best", split: str = "test"
     protocol = protocol or cfg.train.protocol
     if dump_topk is not None and Path(dump_topk).suffix not in (".csv", ".parquet"):
         raise ValueError(f"--dump-topk {dump_topk}: use a .csv or .parquet file name")
-    from ..model import SSD4Rec
-
-    run_dir = Path(cfg.run_dir)
-    path = resolve_checkpoint(run_dir, checkpoint)
-    ctx = init_distributed()
-    ds = prepare_data(cfg, ctx)
-    data = ds.leave_one_out()
-    torch.manual_seed(cfg.seed)
-    dmp, _ = build_dmp(SSD4Rec(ds.num_items, cfg.model, cfg.loss, device="meta"), cfg.train, ctx)
-    load_checkpoint(path, dmp, None, rank=ctx.rank, restore_rng=False)
+    job = restore(cfg, checkpoint)
+    ctx, ds, data, dmp = job.ctx, job.ds, job.split, job.dmp
     metrics = evaluate(dmp.module, data, split, cfg, ctx, ds.num_items)
-    result = {"split": split, "checkpoint": str(path), "metrics": metrics, "dump": None}
+    result = {"split": split, "checkpoint": str(job.checkpoint), "metrics": metrics, "dump": None}
     if dump_topk is not None:
         out = Path(dump_topk)
         parts = out.parent / f".{out.name}.parts"

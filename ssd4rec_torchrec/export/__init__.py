@@ -1,5 +1,5 @@
-"""Serving bundles: ``writer.export_bundle`` (run dir -> bundle; needs torchrec) and ``bundle.load_bundle``
-(bundle -> tables + user tower; torch, numpy and safetensors only).
+"""Exporting a trained run: ``writer.export_bundle`` (run dir -> serving bundle; needs torchrec) and the
+traceable user tower (``tower``). The bundle format and its reader are :mod:`ssd4rec_torchrec.bundle`.
 
-Nothing is imported here, so ``import ssd4rec_torchrec.export.bundle`` stays free of torchrec and the model.
+Nothing is imported here, so importing a submodule does not pull in the others.
 """

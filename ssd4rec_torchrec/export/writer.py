@@ -27,16 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import __version__
+from ..bundle import FORMAT_VERSION, ITEM_FILES, ITEM_IDS, MANIFEST, POPULARITY, TOWER, TOWER_AOTI, sha256_file
 from ..config import TrainConfig
 from ..data.batches import gather_segments
 from ..data.loader import eval_batches
 from ..data.preprocess import FIRST_ITEM_INDEX, mask_index
-from ..eval.offline import resolve_checkpoint
 from ..eval.sharded import local_item_blocks
-from ..train.checkpoint import load_checkpoint
-from ..train.distributed import build_dmp, init_distributed
-from ..train.loop import prepare_data
-from .bundle import FORMAT_VERSION, ITEM_FILES, ITEM_IDS, MANIFEST, POPULARITY, TOWER, TOWER_AOTI, sha256_file
+from ..job import restore
 from .safetensors_stream import SafetensorsWriter
 from .tower import UserTower
 
@@ -317,8 +314,6 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
                   aoti: bool = True, parity_users: int = 64, recall_users: int = 2000,
                   force: bool = False) -> dict[str, Any] | None:
     """Collective. Writes the bundle at ``out``; returns the manifest on rank 0 (None elsewhere)."""
-    from ..model import SSD4Rec
-
     dtypes = dtypes or ["fp32"]
     out = Path(out)
     if cfg.model.name != "ssd4rec":
@@ -329,13 +324,8 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
         raise FileExistsError(f"{out} already exists (remove it or pass --force)")
     if parity_users < 1 or recall_users < 1:
         raise ValueError("parity_users and recall_users must be >= 1")
-    path = resolve_checkpoint(Path(cfg.run_dir), checkpoint)
-    ctx = init_distributed()
-    ds = prepare_data(cfg, ctx)
-    split = ds.leave_one_out()
-    torch.manual_seed(cfg.seed)
-    dmp, _ = build_dmp(SSD4Rec(ds.num_items, cfg.model, cfg.loss, device="meta"), cfg.train, ctx)
-    load_checkpoint(path, dmp, None, rank=ctx.rank, restore_rng=False)
+    job = restore(cfg, checkpoint)
+    ctx, ds, split, dmp, path = job.ctx, job.ds, job.split, job.dmp, job.checkpoint
     dmp.module.eval()
     # Eager reference vectors for the parity check: the lookup is collective, so every rank runs one batch.
     batch = next(iter(eval_batches(split, ds.num_items, "test", objective=cfg.objective.name,

@@ -257,7 +257,7 @@ def _queries(args) -> tuple[Tensor, Tensor]:
     or random Gaussian items and queries."""
     gen = np.random.default_rng(args.seed)
     if args.bundle:
-        from .bundle_io import load_serving_bundle
+        from ..bundle import load_serving_bundle
 
         bundle = load_serving_bundle(args.bundle)
         p = bundle.popularity + 1.0

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .bundle_io import BundleError, load_serving_bundle
+from ..bundle import BundleError, load_serving_bundle
 from .index import build_index
+from .recommender import Prepared, Recommender
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ class ReloadError(RuntimeError):
 
 @dataclass
 class LiveModel:
-    """One loaded bundle with its index and recommender (``recommender`` is a ``service.Recommender``)."""
+    """One loaded bundle with its index and recommender ."""
 
-    recommender: Any
+    recommender: Recommender
     path: str
     loaded_at: float = field(default_factory=time.time)
 
@@ -51,7 +52,7 @@ class LiveModel:
                 "d_model": b.d_model, "loaded_at": round(self.loaded_at, 3)}
 
 
-def smoke_query(recommender: Any) -> None:
+def smoke_query(recommender: Recommender) -> None:
     """Raise ``ReloadError`` unless the tower answers a few popular-item histories sanely (see module doc)."""
     order = [int(i) for i in recommender.popularity_order[: max(1, recommender.max_history)]]
     histories = [order[:1], order[:5][::-1], order[: recommender.max_history]]
@@ -70,8 +71,6 @@ def smoke_query(recommender: Any) -> None:
     diff = float((packed - single).abs().max())
     if not diff <= SMOKE_TOL:
         raise ReloadError(f"the tower's packed and single answers differ by {diff:.3g} (> {SMOKE_TOL})")
-    from .service import Prepared
-
     result = recommender.run_batch([Prepared(history=histories[-1], exclude=set(), k=5)])[0]
     if len(result["items"]) != min(5, recommender.bundle.num_items):
         raise ReloadError(f"the smoke query returned {len(result['items'])} items, expected 5")
@@ -80,8 +79,6 @@ def smoke_query(recommender: Any) -> None:
 def load_live_model(path: str, *, index: str = "exact", max_history: int | None = None, tower: str = "exported",
                     expect_d: int | None = None) -> LiveModel:
     """Load, verify and smoke-test the bundle at ``path`` (``ReloadError`` says why it was refused)."""
-    from .service import Recommender
-
     t0 = time.perf_counter()
     try:
         bundle = load_serving_bundle(path, tower=tower)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .bundle_io import FORMAT_VERSION, IDS_FILE, POPULARITY_FILE, TOWER_FILE, file_entry
+from ..bundle import FORMAT_VERSION, ITEM_IDS, POPULARITY, TOWER, file_entry
 
 
 class FakeTower(nn.Module):
@@ -60,19 +60,19 @@ def write_fake_bundle(out: str | Path, *, num_items: int = 500, d: int = 16, max
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if tower_from is not None:
-        shutil.copyfile(Path(tower_from) / TOWER_FILE, root / TOWER_FILE)
+        shutil.copyfile(Path(tower_from) / TOWER, root / TOWER)
     else:
-        export_tower(FakeTower(num_items, d, seed).eval(), root / TOWER_FILE)
+        export_tower(FakeTower(num_items, d, seed).eval(), root / TOWER)
     items = torch.from_numpy(rng.standard_normal((num_items, d)).astype(np.float32))
     save_file({"item_vectors": items}, root / "items_fp32.safetensors")
     raw = rng.choice(np.arange(10, 10 + 20 * num_items), size=num_items, replace=False).astype(np.int64)
     ids = raw.astype(str) if string_ids else raw
     if string_ids:
         ids = np.char.add("item-", ids)
-    np.save(root / IDS_FILE, ids, allow_pickle=False)
+    np.save(root / ITEM_IDS, ids, allow_pickle=False)
     counts = np.floor(1000.0 / np.arange(1, num_items + 1) ** 0.8)[rng.permutation(num_items)]
-    save_file({"counts": torch.from_numpy(counts.astype(np.float64))}, root / POPULARITY_FILE)
-    files = ["items_fp32.safetensors", IDS_FILE, POPULARITY_FILE, TOWER_FILE]
+    save_file({"counts": torch.from_numpy(counts.astype(np.float64))}, root / POPULARITY)
+    files = ["items_fp32.safetensors", ITEM_IDS, POPULARITY, TOWER]
     manifest = {
         "format_version": FORMAT_VERSION, "num_items": num_items, "d_model": d, "objective": "fake",
         "readout": "recency_mean", "mask_index": num_items + 1, "max_history": max_history,

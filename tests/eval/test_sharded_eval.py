@@ -168,8 +168,8 @@ def _worker(out: Path) -> None:
 
     from ssd4rec_torchrec.config import LossSection, ModelSection, TrainSection
     from ssd4rec_torchrec.eval.sharded import sharded_score_ranks, sharded_topk
+    from ssd4rec_torchrec.job.distributed import build_dmp, init_distributed
     from ssd4rec_torchrec.model import SSD4Rec
-    from ssd4rec_torchrec.train.distributed import build_dmp, init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed()

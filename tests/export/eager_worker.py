@@ -19,11 +19,10 @@ from safetensors.torch import load_file, save_file
 from ssd4rec_torchrec.config import load_train_config
 from ssd4rec_torchrec.data.batches import make_batch
 from ssd4rec_torchrec.data.preprocess import mask_index
-from ssd4rec_torchrec.eval.offline import resolve_checkpoint
+from ssd4rec_torchrec.job import prepare_data, resolve_checkpoint
+from ssd4rec_torchrec.job.checkpoint import load_checkpoint
+from ssd4rec_torchrec.job.distributed import build_dmp, init_distributed
 from ssd4rec_torchrec.model import SSD4Rec
-from ssd4rec_torchrec.train.checkpoint import load_checkpoint
-from ssd4rec_torchrec.train.distributed import build_dmp, init_distributed
-from ssd4rec_torchrec.train.loop import prepare_data
 
 
 def main(run: str, histories: str, out: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ssd4rec_torchrec.export.bundle import BundleError, load_bundle, load_item_table, read_manifest
+from ssd4rec_torchrec.bundle import BundleError, load_bundle, load_item_table, read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.synthetic.num_users=300", "train.epochs=1", "train.batch_size=64"]
@@ -135,13 +135,13 @@ def test_corrupted_file_is_refused(bundle, tmp_path):
     data = bytearray(p.read_bytes())
     data[-3] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"checksum mismatch for items_fp32\.safetensors"):
+    with pytest.raises(BundleError, match=r"items_fp32\.safetensors does not match its manifest checksum"):
         load_bundle(copy)
     p.write_bytes(bytes(data[:-4]))
     with pytest.raises(BundleError, match=r"items_fp32\.safetensors has \d+ bytes"):
         load_bundle(copy)
     p.unlink()
-    with pytest.raises(BundleError, match=r"missing file items_fp32\.safetensors"):
+    with pytest.raises(BundleError, match=r"items_fp32\.safetensors is listed in the manifest but missing"):
         load_bundle(copy)
     with pytest.raises(BundleError, match="not a bundle"):
         load_bundle(tmp_path)
@@ -149,7 +149,7 @@ def test_corrupted_file_is_refused(bundle, tmp_path):
 
 ISOLATED = """
 import sys, torch
-from ssd4rec_torchrec.export.bundle import load_bundle
+from ssd4rec_torchrec.bundle import load_bundle
 b = load_bundle(sys.argv[1], tower=sys.argv[2])
 v = b.encode([[1, 2, 3], [5], list(range(1, 80))])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torchrec", "fbgemm_gpu")

@@ -22,3 +22,4 @@ def string_bundle(tmp_path_factory: pytest.TempPathFactory, fake_bundle: Path) -
     """Unicode raw ids ("item-123"), same tower."""
     return write_fake_bundle(tmp_path_factory.mktemp("sbundle"), num_items=NUM_ITEMS, d=DIM, max_history=MAX_HISTORY,
                              string_ids=True, tower_from=fake_bundle)
+

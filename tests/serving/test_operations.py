@@ -28,10 +28,12 @@ pytest.importorskip("prometheus_client")
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from ssd4rec_torchrec.serving.bundle_io import load_serving_bundle
+from ssd4rec_torchrec.bundle import load_serving_bundle
 from ssd4rec_torchrec.serving.index import ExactIndex
-from ssd4rec_torchrec.serving.service import Recommender, RecommendRequest, create_app
+from ssd4rec_torchrec.serving.recommender import Recommender, RecommendRequest
+from ssd4rec_torchrec.serving.service import create_app
 from ssd4rec_torchrec.serving.testing import write_fake_bundle
+from tests.serving.servers import free_port, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_ITEMS, DIM, MAX_HISTORY = 300, 16, 20  # as tests/serving/conftest.py's fake_bundle
@@ -238,12 +240,6 @@ def test_request_deadline_gives_503_with_retry_after(bundles) -> None:
         create_app(rec, request_timeout_ms=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _raw_exchange(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
     """Send a request, read until the server closes the connection (a timeout fails the test)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -257,18 +253,8 @@ def _raw_exchange(port: int, head: bytes, body_chunks: list[bytes]) -> bytes:
 
 
 def test_oversized_body_gets_413_not_a_reset(bundles) -> None:
-    import uvicorn
-
     app = create_app(recommender_of(bundles["a"]), max_body_bytes=16384)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        port = server.config.port
+    with serve_in_thread(app) as port:
         big = b"x" * (4 << 20)
         head = (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
                 + str(len(big)).encode() + b"\r\n\r\n")
@@ -279,37 +265,22 @@ def test_oversized_body_gets_413_not_a_reset(bundles) -> None:
         chunks = [b"10000\r\n" + b"y" * 65536 + b"\r\n"] * 64 + [b"0\r\n\r\n"]
         reply = _raw_exchange(port, chunked, chunks)
         assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_loadtest_reports_the_reload_phases(bundles, tmp_path) -> None:
     import importlib.util
 
-    import uvicorn
-
     key = tmp_path / "key"
     key.write_text("load-key\n")
     app = create_app(recommender_of(bundles["a"]), api_key="load-key", max_wait_ms=5)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with serve_in_thread(app) as port:
         spec = importlib.util.spec_from_file_location("_apps_loadtest", REPO / "apps" / "loadtest.py")
         loadtest = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loadtest)
         out = tmp_path / "load.json"
-        rc = loadtest.main(["--url", f"http://127.0.0.1:{server.config.port}", "--concurrency", "4", "--seconds", "3",
+        rc = loadtest.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "4", "--seconds", "3",
                             "--warmup", "0", "--bundle", str(bundles["a"]), "--reload-bundle", str(bundles["b"]),
                             "--api-key-file", str(key), "--out", str(out)])
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     level = json.loads(out.read_text())["levels"][0]
     assert rc == 0 and level["errors"] == 0, level
     reload = level["reload"]
@@ -373,7 +344,7 @@ def test_serve_process_sighup_reload_and_sigterm_drain(bundles, tmp_path) -> Non
     key_file = tmp_path / "key"
     key_file.write_text("k3y-for-tests\n")
     key = "k3y-for-tests"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(REPO / "apps" / "serve.py"), "--bundle", str(live), "--port",
                              str(port), "--api-key-file", str(key_file), "--max-wait-ms", "700", "--drain-seconds",
                              "8", "--log-level", "warning"], cwd=REPO, stdout=subprocess.PIPE,

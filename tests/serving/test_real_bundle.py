@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx2")
-pytest.importorskip("ssd4rec_torchrec.export.bundle")
+pytest.importorskip("ssd4rec_torchrec.bundle")
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.synthetic.num_users=300", "train.epochs=1", "train.batch_size=64"]
@@ -46,8 +46,8 @@ def test_service_equals_offline_topk_dump(real) -> None:
     from fastapi.testclient import TestClient
 
     from ssd4rec_torchrec.config import load_train_config
+    from ssd4rec_torchrec.job import prepare_data
     from ssd4rec_torchrec.serving.service import load_service
-    from ssd4rec_torchrec.train.loop import prepare_data
 
     cfg = load_train_config(real.run / "config.yaml", [f"run_dir={real.run}"])
     ds = prepare_data(cfg, SimpleNamespace(is_main=True))

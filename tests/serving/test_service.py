@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +16,12 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx2")
 from fastapi.testclient import TestClient
 
+from ssd4rec_torchrec.bundle import load_serving_bundle
 from ssd4rec_torchrec.eval.metrics import block_topk
-from ssd4rec_torchrec.serving.bundle_io import load_serving_bundle
 from ssd4rec_torchrec.serving.index import ExactIndex
-from ssd4rec_torchrec.serving.service import (
-    Recommender,
-    RecommendRequest,
-    create_app,
-    load_service,
-)
+from ssd4rec_torchrec.serving.recommender import Recommender, RecommendRequest
+from ssd4rec_torchrec.serving.service import create_app, load_service
+from tests.serving.servers import serve_in_thread
 
 APPS = Path(__file__).resolve().parents[2] / "apps"
 
@@ -275,28 +269,11 @@ def test_serve_binds_loopback_by_default() -> None:
     assert args.host == "127.0.0.1" and args.index == "exact"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_server_concurrency_and_loadtest(fake_bundle, tmp_path, capsys) -> None:
     """uvicorn on loopback: concurrent clients are batched; the load script runs with 0 errors."""
-    import uvicorn
-
     pytest.importorskip("faiss")
     app = load_service(str(fake_bundle), index="hnsw", max_wait_ms=50)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(200):
-            if server.started:
-                break
-            time.sleep(0.05)
-        assert server.started
-        port = server.config.port
+    with serve_in_thread(app) as port:
         loadtest = _load_app_module("loadtest")
         out = tmp_path / "load.json"
         rc = loadtest.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", "1", "4", "--seconds", "0.5",
@@ -306,15 +283,12 @@ def test_real_server_concurrency_and_loadtest(fake_bundle, tmp_path, capsys) -> 
         assert all(lv["requests"] > 0 for lv in result["levels"])
         assert result["levels"][1]["mean_batch"] > 1.0  # concurrent requests were packed together
         assert "req/s" in capsys.readouterr().out
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_full_history_bundle_serves_whole_histories(tmp_path, fake_bundle) -> None:
     """A model trained on full histories (manifest max_history null) reads up to FULL_HISTORY_CAP items, or
     --max-history when given, and its answer is the tower's on exactly that window."""
-    from ssd4rec_torchrec.serving.service import FULL_HISTORY_CAP
+    from ssd4rec_torchrec.serving.recommender import FULL_HISTORY_CAP
     from ssd4rec_torchrec.serving.testing import write_fake_bundle
 
     windowed = load_serving_bundle(fake_bundle)

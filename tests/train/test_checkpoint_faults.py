@@ -9,13 +9,13 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ssd4rec_torchrec.train import checkpoint as ck
+from ssd4rec_torchrec.job import checkpoint as ck
+from tests.train.fault_worker import run_faulty
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.synthetic.num_users=200", "data.synthetic.num_items=300", "train.epochs=1",
@@ -111,7 +111,7 @@ def test_damaged_checkpoint_is_skipped_on_resume(tmp_path, caplog, damage) -> No
         (root / "step-3" / ck.PROGRESS).write_text('{"global_st')
         reason = "progress.json unreadable"
     assert reason in (ck.verify_checkpoint(root / "step-3") or "")
-    with caplog.at_level(logging.WARNING, "ssd4rec_torchrec.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, "ssd4rec_torchrec.job.checkpoint"):
         assert ck.resume_checkpoint(root, 0) == root / "step-2"
     assert any(str(root / "step-3") in r.getMessage() and reason in r.getMessage() for r in caplog.records)
     assert ck.verify_checkpoint(root / "step-2") is None
@@ -121,10 +121,7 @@ def test_damaged_checkpoint_is_skipped_on_resume(tmp_path, caplog, damage) -> No
 
 
 def _train(run: Path, *extra: str, fault: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SSD4REC_NO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "tests" / "train" / "fault_worker.py"), *fault, "--",
-           "--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return run_faulty(["--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL, *extra], fault)
 
 
 def test_job_checkpoint_write_error_fails_with_one_line_or_warns(tmp_path) -> None:

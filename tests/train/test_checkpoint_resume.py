@@ -35,6 +35,7 @@ SMALL = [f"--set={kv}" for kv in (
     "objective.prefixes_per_user=2", "objective.max_history=20", "train.checkpoint_every_steps=3",
     "train.num_threads=1",
 )]
+FAULT_WORKER = "tests/train/fault_worker.py"  # SIGKILLs a rank at a checkpoint (SSD4REC_FAULT_AT_STEP)
 FAULT_STEP = 13  # 2 ranks: epoch 1, step 6 = a checkpoint step, so step-13 is left half-written
 RESUME_TOL = 1e-6  # kill/resume vs uninterrupted (same world size)
 RESHARD_TOL = 1e-5  # same checkpoint evaluated on another world size: only the eval batching differs
@@ -64,8 +65,8 @@ def _ok(out: subprocess.CompletedProcess) -> None:
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
 
 
-def _torchx_train(run: Path, *torchx_args: str) -> subprocess.CompletedProcess:
-    return _run([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", *torchx_args, "--script", "apps/train.py",
+def _torchx_train(run: Path, *torchx_args: str, script: str = "apps/train.py") -> subprocess.CompletedProcess:
+    return _run([str(BIN / "torchx"), "run", "dist.ddp", "-j", "1x2", *torchx_args, "--script", script,
                  "--", "--config", "configs/tiny.yaml", "--run-dir", str(run), "--resume", *SMALL])
 
 
@@ -137,7 +138,7 @@ def _tiny_step(model: _Tiny, opt: Any) -> None:
 def test_half_written_checkpoints_are_ignored_and_cleaned(tmp_path, monkeypatch):
     from torchrec.optim.keyed import KeyedOptimizerWrapper
 
-    from ssd4rec_torchrec.train import checkpoint as ck
+    from ssd4rec_torchrec.job import checkpoint as ck
 
     def build() -> tuple[_Tiny, KeyedOptimizerWrapper]:
         m = _Tiny()
@@ -223,12 +224,13 @@ def test_killed_rank_resumes_to_identical_metrics(two_rank_run, tmp_path, restar
     run = tmp_path / "run"
     fault = f"SSD4REC_FAULT_AT_STEP=1:{FAULT_STEP}"
     if restart == "in-job":
-        _ok(_torchx_train(run, "--env", f"{fault},PET_MAX_RESTARTS=1,TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"))
+        _ok(_torchx_train(run, "--env", f"{fault},PET_MAX_RESTARTS=1,TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                          script=FAULT_WORKER))
     else:
-        first = _torchx_train(run, "--env", fault)
+        first = _torchx_train(run, "--env", fault, script=FAULT_WORKER)
         assert first.returncode != 0 and not (run / "metrics.json").exists()
         assert (run / "checkpoints" / f".tmp-step-{FAULT_STEP}").is_dir()  # rank 0 died inside the save
-        _ok(_torchx_train(run, "--env", fault))  # the marker file stops a second fault
+        _ok(_torchx_train(run, "--env", fault, script=FAULT_WORKER))  # the marker file stops a second fault
     assert (run / f".fault-injected-rank1-step{FAULT_STEP}").exists(), "the fault was not injected"
     log = (run / "train.log").read_text()
     assert f"checkpoints/step-{FAULT_STEP - 3} (epoch 1, step 3)" in log  # the half-written step-13 skipped
@@ -319,7 +321,9 @@ def _eval_worker(run_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from ssd4rec_torchrec.config import load_train_config
-    from ssd4rec_torchrec.train.checkpoint import evaluate_checkpoint, latest_checkpoint
+    from ssd4rec_torchrec.eval.model_eval import evaluate
+    from ssd4rec_torchrec.job import restore
+    from ssd4rec_torchrec.job.checkpoint import has_optimizer_state, latest_checkpoint
 
     run, out = Path(run_dir), Path(out_dir)
     cfg = load_train_config(run / "config.yaml")
@@ -327,11 +331,13 @@ def _eval_worker(run_dir: str, out_dir: str) -> None:
     assert latest is not None
     result: dict[str, Any] = {}
     for name, path in (("best", run / "checkpoints" / "best"), ("last", latest)):
-        r = evaluate_checkpoint(cfg, path)
+        job = restore(cfg, path, load_optimizer=has_optimizer_state(path))  # DCP re-shards to this world size
+        r = {s: evaluate(job.model, job.split, s, cfg, job.ctx, job.num_items) for s in ("valid", "test")}
+        r.update(world_size=job.ctx.world_size, progress=json.loads((path / "progress.json").read_text()))
         rank = dist.get_rank()
-        state = {"model": r["_dmp"].state_dict()}
+        state = {"model": job.dmp.state_dict()}
         if name == "last":
-            state["optim"] = {"state": r["_optimizer"].state_dict()["state"]}
+            state["optim"] = {"state": job.optimizer.state_dict()["state"]}
         full = _gather_full(state, rank)
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)

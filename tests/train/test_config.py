@@ -95,3 +95,15 @@ def test_float_fields_accept_scientific_notation(tmp_path):
     assert (cfg.train.lr, cfg.model.dropout) == (3e-3, 0.15)
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got '1e-4x'"):
         load_train_config(path, ["train.lr=1e-4x"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    """The run dir's config.yaml (every field, tuples as lists) loads back to the same config."""
+    import yaml
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    cfg = load_train_config(tiny, ["data.synthetic.transition_probs=[0.5, 0.3, 0.2]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    again = load_train_config(path)
+    assert again == cfg and again.data.synthetic.transition_probs == (0.5, 0.3, 0.2)

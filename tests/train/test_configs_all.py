@@ -107,12 +107,13 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_base_deep_merges_nested_sections(tmp_path):
-    _write(tmp_path / "base.yaml", "seed: 1\nmodel: {d_model: 32, n_layers: 3}\n"
-                                   "data: {dataset: synthetic, synthetic: {num_users: 10, num_items: 20, num_clusters: 5}}\n")
+    _write(tmp_path / "base.yaml", "seed: 1\nmodel: {d_model: 32, n_layers: 3}\ndata: {dataset: synthetic, "
+                                   "synthetic: {num_users: 10, num_items: 20, num_clusters: 5}}\n")
     child = _write(tmp_path / "sub" / "child.yaml",
                    "base: ../base.yaml\nmodel: {n_layers: 1}\ndata: {synthetic: {num_items: 30}}\n")
     assert load_yaml(child) == {"seed": 1, "model": {"d_model": 32, "n_layers": 1},
-                                "data": {"dataset": "synthetic", "synthetic": {"num_users": 10, "num_items": 30, "num_clusters": 5}}}
+                                "data": {"dataset": "synthetic",
+                                         "synthetic": {"num_users": 10, "num_items": 30, "num_clusters": 5}}}
     cfg = load_train_config(child, ["model.d_model=16"])
     assert (cfg.seed, cfg.model.d_model, cfg.model.n_layers) == (1, 16, 1)
     assert (cfg.data.synthetic.num_users, cfg.data.synthetic.num_items) == (10, 30)

@@ -9,7 +9,7 @@ import torch
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from ssd4rec_torchrec.config import TrainSection
-from ssd4rec_torchrec.train.loop import dense_lr, set_dense_lr
+from ssd4rec_torchrec.train.state import dense_lr, set_dense_lr
 
 
 def test_schedule_values_by_hand():

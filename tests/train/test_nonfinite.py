@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.train.fault_worker import run_faulty
+
 REPO = Path(__file__).resolve().parents[2]
 NAN_AT = 5
 SMALL = ["--set", "data.synthetic.num_users=200", "data.synthetic.num_items=300", "train.epochs=1",
@@ -29,10 +31,7 @@ SMALL = ["--set", "data.synthetic.num_users=200", "data.synthetic.num_items=300"
 def _run(run: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     trace = run.parent / f"{run.name}-digests.json"
     args = ["--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL, *extra]
-    env = {**os.environ, "SSD4REC_NO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
-    worker = REPO / "tests" / "train" / "fault_worker.py"
-    out = subprocess.run([sys.executable, str(worker), "--nan-at", str(NAN_AT), "--trace", str(trace), "--", *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = run_faulty(args, ("--nan-at", str(NAN_AT), "--trace", str(trace)), timeout=600)
     return out, json.loads(trace.read_text()) if trace.is_file() else []
 
 

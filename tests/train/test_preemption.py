@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.train.fault_worker import run_faulty
+
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "data.synthetic.num_users=200", "data.synthetic.num_items=300", "train.epochs=2",
          "train.batch_size=32", "objective.prefixes_per_user=2", "objective.max_history=20", "train.num_threads=1",
@@ -18,10 +20,7 @@ COMPARED = ("valid", "test", "valid_history", "best_epoch", "epochs_run", "epoch
 
 
 def _train(run: Path, *extra: str, fault: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SSD4REC_NO_MALLOC_TUNING": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "tests" / "train" / "fault_worker.py"), *fault, "--",
-           "--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return run_faulty(["--config", "configs/tiny.yaml", "--run-dir", str(run), *SMALL, *extra], fault)
 
 
 def test_sigterm_checkpoints_exits_75_and_resume_matches_an_uninterrupted_run(tmp_path) -> None:

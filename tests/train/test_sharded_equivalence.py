@@ -98,7 +98,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-    from ssd4rec_torchrec.train.distributed import build_dmp, init_distributed
+    from ssd4rec_torchrec.job.distributed import build_dmp, init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed()

@@ -35,16 +35,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torchrec.optim.fused import FusedOptimizer
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -320,31 +317,3 @@ def clean_temp(root: Path) -> None:
         if p.name.startswith(TMP_PREFIX):
             log.info("removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
-
-
-def evaluate_checkpoint(cfg: TrainConfig, path: str | Path, *, load_optimizer: bool | None = None,
-                        splits: tuple[str, ...] = ("valid", "test")) -> dict[str, Any]:
-    """Collective: build the model for this job's world size, load ``path`` and evaluate it.
-
-    Works with any world size (DCP re-shards). ``load_optimizer`` (default: when the checkpoint has
-    optimizer state) also loads the optimizer state, to check that it re-shards. Returns
-    ``{split: metrics, "progress": ..., "world_size": ...}``; the model and optimizer are returned under
-    ``"_dmp"`` / ``"_optimizer"`` for inspection.
-    """
-    from ..eval.model_eval import evaluate
-    from ..model import SSD4Rec
-    from .distributed import build_dmp, init_distributed
-    from .loop import prepare_data
-
-    path = Path(path)
-    ctx = init_distributed()
-    ds = prepare_data(cfg, ctx)
-    split = ds.leave_one_out()
-    torch.manual_seed(cfg.seed)
-    dmp, optimizer = build_dmp(SSD4Rec(ds.num_items, cfg.model, cfg.loss, device="meta"), cfg.train, ctx)
-    if load_optimizer is None:
-        load_optimizer = has_optimizer_state(path)
-    progress = load_checkpoint(path, dmp, optimizer if load_optimizer else None, rank=ctx.rank, restore_rng=False)
-    out: dict[str, Any] = {s: evaluate(dmp.module, split, s, cfg, ctx, ds.num_items) for s in splits}
-    out.update(progress=progress, world_size=ctx.world_size, _dmp=dmp, _optimizer=optimizer)
-    return out
