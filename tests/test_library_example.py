@@ -8,7 +8,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,16 +26,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(code: str, tmp_path: Path, timeout: float = 60.0) -> tuple[subprocess.CompletedProcess, float]:
+def _run(code: str, tmp_path: Path, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``code`` as a script in a fresh process (killed after ``timeout`` s: the examples must stay quick)."""
     script = tmp_path / "example.py"
     script.write_text(code)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    return proc, time.perf_counter() - start
 
 
 def test_doc_has_the_two_examples() -> None:
@@ -52,17 +50,16 @@ def test_doc_has_the_two_examples() -> None:
 
 def test_pipeline_example_trains(tmp_path: Path) -> None:
     """One gloo rank: DMP-sharded SSD4Rec driven by TrainPipelineSparseDist on a fixed batch; the loss falls."""
-    proc, seconds = _run(python_blocks()[0], tmp_path)
+    proc = _run(python_blocks()[0], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = re.search(r"^loss (\d+\.\d+) -> (\d+\.\d+)$", proc.stdout, re.MULTILINE)
     assert m, proc.stdout
     first, last = float(m.group(1)), float(m.group(2))
     assert last < 0.5 * first  # 10 steps on one batch: the model fits it
-    assert seconds < 60
 
 
 def test_encoder_example_runs(tmp_path: Path) -> None:
-    proc, _ = _run(python_blocks()[1], tmp_path)
+    proc = _run(python_blocks()[1], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
