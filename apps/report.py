@@ -6,9 +6,9 @@
       --quality-json docs/results/quality.json
 
 Writes <out>/runs/<run>/ (each run's apps/train.py output and report-launch.log), <out>/report.md,
-<out>/report.json and <out>/valid_ndcg_vs_time.png. --readme replaces the suite's
-<!-- report:<suite>:start --> ... <!-- report:<suite>:end --> block (added under "## Quality report" when
-absent) and copies the plot to docs/report/ next to the README.
+<out>/report.json and <out>/valid_ndcg_vs_time.png. --readme [FILE] (also spelled --doc) replaces the suite's
+<!-- report:<suite>:start --> ... <!-- report:<suite>:end --> block in FILE, docs/quality.md when no FILE is
+given (the block is added under "## Quality report" when absent), and copies the plot to docs/report/ beside it.
 """
 
 from __future__ import annotations
@@ -19,14 +19,25 @@ import sys
 from pathlib import Path
 
 from ssd4rec_torchrec.config import ConfigError
-from ssd4rec_torchrec.report import launch, load_suite, render, select_runs, update_readme, write_quality_json
+from ssd4rec_torchrec.report import (
+    QUALITY_DOC,
+    launch,
+    load_suite,
+    render,
+    select_runs,
+    update_report_doc,
+    write_quality_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", required=True, help="suite YAML, e.g. configs/report/ml1m.yaml")
     parser.add_argument("--out", help="output directory (default results/report/<suite file stem>)")
-    parser.add_argument("--readme", help="Markdown file whose report block to replace (e.g. README.md)")
+    parser.add_argument("--readme", "--doc", dest="doc", nargs="?", const=str(ROOT / QUALITY_DOC), metavar="FILE",
+                        help=f"Markdown file whose report block to replace (the flag alone: {QUALITY_DOC})")
     parser.add_argument("--quality-json", metavar="FILE",
                         help="merge the finished runs into this record, e.g. docs/results/quality.json")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="train only these runs (names or directory slugs)")
@@ -38,17 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run_timeout is not None and args.run_timeout <= 0:
             raise ConfigError(f"--run-timeout must be > 0, got {args.run_timeout:g}")
-        if args.readme and not Path(args.readme).is_file():
-            raise ConfigError(f"--readme {args.readme!r}: no such file")
+        if args.doc and not Path(args.doc).is_file():
+            raise ConfigError(f"--readme {args.doc!r}: no such file")
         suite = load_suite(args.suite)
         select_runs(suite, args.only)  # validate --only before anything runs
         out = Path(args.out) if args.out else Path("results/report") / Path(args.suite).stem
         codes = {} if args.render_only else launch(suite, out, only=args.only, reuse=args.reuse,
                                                    timeout_s=args.run_timeout)
         data = render(suite, out)
-        if args.readme:
-            image = update_readme(Path(args.readme), data, out)
-            logging.info("updated %s (plot %s)", args.readme, image)
+        if args.doc:
+            image = update_report_doc(Path(args.doc), data, out)
+            logging.info("updated %s (plot %s)", args.doc, image)
         if args.quality_json:
             logging.info("updated %s", write_quality_json(Path(args.quality_json), data))
     except ConfigError as e:

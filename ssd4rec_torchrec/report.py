@@ -4,8 +4,8 @@ A suite YAML names the runs (a config plus ``key=value`` overrides each), the wo
 (``train.time_budget_s``: seconds of training steps, eval/checkpoint time excluded), so that every model
 gets the same compute on the same machine and seed. :func:`launch` trains each run in its own process
 (``<out>/runs/<slug>/``); :func:`render` reads only those run directories' ``metrics.json`` and writes
-``report.md``, ``report.json`` and ``valid_ndcg_vs_time.png``; :func:`update_readme` puts the tables and
-the plot between ``<!-- report:<suite>:start/end -->`` markers in a Markdown file (``docs/quality.md``), and
+``report.md``, ``report.json`` and ``valid_ndcg_vs_time.png``; :func:`update_report_doc` puts the tables and
+the plot between ``<!-- report:<suite>:start/end -->`` markers in a Markdown file (:data:`QUALITY_DOC`), and
 :func:`write_quality_json` merges the runs into the machine-readable record ``docs/results/quality.json``.
 """
 
@@ -417,25 +417,29 @@ def render(suite: Suite, out: Path) -> dict[str, Any]:
     return data
 
 
+QUALITY_DOC = Path("docs/quality.md")  # the study whose tables the report writes (relative to the project root)
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- report:{name}:start -->", f"<!-- report:{name}:end -->"
 
 
-def update_readme(readme: Path, data: dict[str, Any], out: Path) -> Path:
-    """Replace the suite's marker block in ``readme`` (or add it under ``## Quality report``); the plot is
-    copied to ``docs/report/<suite>-valid_ndcg_vs_time.png`` next to the README so the link is to a file
+def update_report_doc(doc: Path, data: dict[str, Any], out: Path) -> Path:
+    """Replace the suite's marker block in the Markdown file ``doc`` (the project's is :data:`QUALITY_DOC`; the
+    block is added under ``## Quality report`` when absent); the plot is copied to
+    ``docs/report/<suite>-valid_ndcg_vs_time.png`` of the project that holds ``doc`` so the link is to a file
     that can be committed. Idempotent. Returns the copied plot."""
-    if not readme.is_file():
-        raise ReportError(f"--readme {str(readme)!r}: no such file")
-    root = readme.parent.parent if readme.parent.name == "docs" else readme.parent
+    if not doc.is_file():
+        raise ReportError(f"{str(doc)!r}: no such file")
+    root = doc.parent.parent if doc.parent.name == "docs" else doc.parent
     image = root / "docs" / "report" / f"{slugify(data['suite'])}-{PLOT}"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / PLOT, image)
     start, end = _markers(data["suite"])
-    link = Path(os.path.relpath(image, readme.parent)).as_posix()
+    link = Path(os.path.relpath(image, doc.parent)).as_posix()
     block = (f"{start}\n{markdown_table(data)}\n\n{time_to_target_table(data)}\n\n{conditions(data)}\n\n"
              f"![validation NDCG@10 vs training time, {data['suite']}]({link})\n{end}")
-    text = readme.read_text()
+    text = doc.read_text()
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text, count=1)
@@ -447,5 +451,5 @@ def update_readme(readme: Path, data: dict[str, Any], out: Path) -> Path:
             nxt = re.compile(r"^## ", re.MULTILINE).search(text, heading.end())
             at = nxt.start() if nxt else len(text)
             text = text[:at].rstrip("\n") + "\n\n" + block + "\n" + ("\n" + text[at:] if nxt else "")
-    readme.write_text(text)
+    doc.write_text(text)
     return image

@@ -1,6 +1,7 @@
 """The quality report renders from run directories alone (hand-made ``metrics.json`` here, no training): the
-table carries exactly the runs' numbers, the plot is a PNG, the README block is replaced idempotently, and a
-bad suite fails with one line naming the bad value (exit code 2 from the CLI)."""
+table carries exactly the runs' numbers, the plot is a PNG, the report block of a Markdown document (by default
+docs/quality.md) is replaced idempotently, and a bad suite fails with one line naming the bad value (exit code 2
+from the CLI)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ssd4rec_torchrec.report import (
     render,
     slugify,
     train_command,
-    update_readme,
+    update_report_doc,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,28 +105,28 @@ def test_render_table_has_exactly_the_run_numbers(suite_file, out):
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_block_is_replaced_idempotently(suite_file, out, tmp_path):
+def test_doc_block_is_replaced_idempotently(suite_file, out, tmp_path):
     data = render(load_suite(suite_file), out)
     readme = tmp_path / "README.md"
     readme.write_text("# Project\n\nIntro.\n\n## Layout\n\nFiles.\n")
-    image = update_readme(readme, data, out)
+    image = update_report_doc(readme, data, out)
     assert image == tmp_path / "docs" / "report" / f"fake-suite-{PLOT}" and image.is_file()
     first = readme.read_text()
     assert first.startswith("# Project\n\nIntro.\n\n## Layout\n\nFiles.\n")
     assert first.count("## Quality report") == 1
     assert first.count("<!-- report:fake-suite:start -->") == 1 == first.count("<!-- report:fake-suite:end -->")
     assert f"](docs/report/fake-suite-{PLOT})" in first
-    update_readme(readme, data, out)
+    update_report_doc(readme, data, out)
     assert readme.read_text() == first  # run twice: one block, same text
 
     # an existing section keeps its place: the block goes at its end, before the next heading
     readme.write_text("# P\n\n## Quality report\n\nWhat the numbers mean.\n\n## Layout\n\nFiles.\n")
-    update_readme(readme, data, out)
+    update_report_doc(readme, data, out)
     text = readme.read_text()
     assert text.count("## Quality report") == 1
     assert text.index("What the numbers mean.") < text.index("<!-- report:fake-suite:start -->") < text.index(
         "## Layout")
-    update_readme(readme, data, out)
+    update_report_doc(readme, data, out)
     assert readme.read_text() == text
 
 
@@ -135,6 +136,16 @@ def test_cli_render_only_with_readme(suite_file, out, tmp_path, capsys):
     assert _cli()(["--suite", str(suite_file), "--out", str(out), "--render-only", "--readme", str(readme)]) == 0
     assert "| SASRec (next) |" in capsys.readouterr().out
     assert "<!-- report:fake-suite:start -->" in readme.read_text()
+
+
+def test_cli_flag_alone_targets_docs_quality(suite_file, out, monkeypatch):
+    spec = importlib.util.spec_from_file_location("report_app", REPO / "apps" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    written = []
+    monkeypatch.setattr(mod, "update_report_doc", lambda doc, data, out: written.append(doc) or doc)
+    assert mod.main(["--suite", str(suite_file), "--out", str(out), "--render-only", "--readme"]) == 0
+    assert written == [REPO / "docs" / "quality.md"]
 
 
 def _write_suite(tmp_path: Path, suite: dict) -> Path:
