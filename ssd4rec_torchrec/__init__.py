@@ -19,8 +19,8 @@ _EXPORTS: dict[str, str] = {
     "BiSSDEncoder": "ssd4rec_torchrec.nn.encoder",
     "EncoderConfig": "ssd4rec_torchrec.nn.encoder",
     # configs: the schema and the YAML loader (base:, key=value overrides)
-    "TrainConfig": "ssd4rec_torchrec.train.config",
-    "load_train_config": "ssd4rec_torchrec.train.config",
+    "TrainConfig": "ssd4rec_torchrec.config",
+    "load_train_config": "ssd4rec_torchrec.config",
     "load_yaml": "ssd4rec_torchrec.config",
     "ConfigError": "ssd4rec_torchrec.config",
     # data: sources -> cached dataset; KJT batches
@@ -32,9 +32,14 @@ _EXPORTS: dict[str, str] = {
     "FEATURES": "ssd4rec_torchrec.data.batches",
     "SeqBatch": "ssd4rec_torchrec.data.batches",
     "make_batch": "ssd4rec_torchrec.data.batches",
-    # serving: an exported bundle, checksums verified
-    "load_serving_bundle": "ssd4rec_torchrec.serving.bundle_io",
-    "ServingBundle": "ssd4rec_torchrec.serving.bundle_io",
+    # the job layer: stand up a run (fresh, or restored from a checkpoint) at any world size
+    "build_run": "ssd4rec_torchrec.job",
+    "restore": "ssd4rec_torchrec.job",
+    # an exported bundle, checksums verified
+    "load_bundle": "ssd4rec_torchrec.bundle",
+    "load_serving_bundle": "ssd4rec_torchrec.bundle",
+    "Bundle": "ssd4rec_torchrec.bundle",
+    "ServingBundle": "ssd4rec_torchrec.bundle",
 }
 
 __all__ = ["__version__", *_EXPORTS]
