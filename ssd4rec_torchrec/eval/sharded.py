@@ -28,7 +28,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import PROTOCOLS, block_rank_counts, block_topk, canonical_target_scores, finish_ranks, merge_topk
+from ..ops.canonical import canonical_target_scores
+from ..ops.ranking import PROTOCOLS, block_rank_counts, finish_ranks
+from ..ops.topk import block_topk, merge_topk
 
 SCORE_BUDGET_BYTES = 1 << 25  # per score chunk (users x items x 4 bytes) before re-scoring
 BLOCK_ROWS = 1 << 16  # rows per item block: bounds the per-block fp32 / float64 working copies

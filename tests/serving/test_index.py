@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssd4rec_torchrec.eval.metrics import block_topk
+from ssd4rec_torchrec.ops.topk import block_topk
 from ssd4rec_torchrec.serving.bundle_io import BundleError, load_serving_bundle
 from ssd4rec_torchrec.serving.index import ExactIndex, build_index, recall_at_k
 
