@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops_reference import make_ssd_inputs, offsets_of, rel_err, ssd_reference, sum_rel_err
 
-import ssd4rec_torchrec.ops.ssd as ssd_mod
+import ssd4rec_torchrec.ops.ssd.decay as decay_mod
 from ssd4rec_torchrec.ops import ssd_scan
 
 OUT_TOL = 1e-5
@@ -123,7 +123,7 @@ def test_single_token_total() -> None:
 @pytest.mark.parametrize("block", [2, 3, 5])
 def test_recursive_chunk_scan(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
     """Many chunks with a tiny scan block exercise several levels of the recursive inter-chunk scan."""
-    monkeypatch.setattr(ssd_mod, "_SCAN_BLOCK", block)
+    monkeypatch.setattr(decay_mod, "_SCAN_BLOCK", block)
     check_against_reference([37, 1, 60, 2, 19, 23], 2, H=2, G=1, P=3, N=4, D_kind="hp", seed=block)
 
 

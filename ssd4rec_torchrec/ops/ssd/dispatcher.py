@@ -1,0 +1,108 @@
+"""`ssd_scan`: argument checks and the choice of implementation (torch or mamba-ssm)."""
+
+from __future__ import annotations
+
+import torch
+
+from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
+from ssd4rec_torchrec.ops.ssd.chunked import _ssd_scan_torch
+from ssd4rec_torchrec.ops.ssd.mamba import _ssd_scan_mamba, mamba_ssd_available
+
+__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "ssd_scan"]
+
+KERNELS = ("auto", "torch", "mamba")
+# Largest tile of the torch path (chunk_size is a tiling choice: it does not change what is computed).
+TORCH_MAX_CHUNK = 64
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    offsets: torch.Tensor,
+    D: torch.Tensor | None,
+    chunk_size: int,
+    kernel: str,
+) -> None:
+    """Raise `ValueError` with a precise message for any inconsistent argument."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, H, P), got shape {tuple(x.shape)}")
+    T, H, P = x.shape
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if dt.shape != (T, H):
+        raise ValueError(f"dt must be (T, H) = {(T, H)}, got {tuple(dt.shape)}")
+    if A.shape != (H,):
+        raise ValueError(f"A must be (H,) = {(H,)}, got {tuple(A.shape)}")
+    if B.dim() != 3 or B.shape[0] != T:
+        raise ValueError(f"B must be (T, G, N) with T={T}, got {tuple(B.shape)}")
+    if C.shape != B.shape:
+        raise ValueError(f"C must have the shape of B {tuple(B.shape)}, got {tuple(C.shape)}")
+    G = B.shape[1]
+    if G < 1 or H % G != 0:
+        raise ValueError(f"number of heads H={H} must be a multiple of the number of groups G={G}")
+    if D is not None and D.shape not in ((H,), (H, P)):
+        raise ValueError(f"D must be None, (H,) = {(H,)} or (H, P) = {(H, P)}, got {tuple(D.shape)}")
+    for name, t in (("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if offsets.device != x.device:
+        raise ValueError(f"offsets is on {offsets.device} but x is on {x.device}")
+    validate_offsets(offsets, T)
+
+
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Segment-resetting SSD scan over a packed token axis; returns y `(T, H, P)` in `x.dtype`.
+
+    Args:
+        x: (T, H, P) inputs. dt: (T, H) positive step sizes (softplus/bias already applied).
+        A: (H,) negative decay rates. B, C: (T, G, N) with H % G == 0; head h uses group h // (H // G).
+        offsets: (S+1,) int64 jagged offsets (`offsets[0] == 0`, non-decreasing, `offsets[-1] == T`).
+        D: optional skip, (H,) or (H, P). chunk_size: tokens per chunk (any positive int for the torch path,
+            which tiles with `min(chunk_size, TORCH_MAX_CHUNK)`: the result is the same up to rounding, and
+            on a CPU larger tiles only add quadratic work and make the factored form fall back more often).
+        kernel: "torch" (pure-torch chunked dual form), "mamba" (mamba-ssm Triton kernel, also on CPU tensors
+            under TRITON_INTERPRET=1) or "auto" (mamba on CUDA tensors when importable, torch otherwise).
+
+    The torch path computes in fp32 for half-precision inputs (float64 stays float64) and is differentiable
+    with respect to x, dt, A, B, C and D.
+    """
+    _check_inputs(x, dt, A, B, C, offsets, D, chunk_size, kernel)
+    T = x.shape[0]
+    seg = segment_ids(offsets, T)
+    use_mamba = kernel == "mamba" or (kernel == "auto" and x.is_cuda and mamba_ssd_available())
+    if use_mamba:
+        return _ssd_scan_mamba(x, dt, A, B, C, seg, D, chunk_size)
+    cdtype = torch.promote_types(x.dtype, torch.float32)
+    y = _ssd_scan_torch(
+        x.to(cdtype),
+        dt.to(cdtype),
+        A.to(cdtype),
+        B.to(cdtype),
+        C.to(cdtype),
+        seg,
+        None if D is None else D.to(cdtype),
+        min(chunk_size, TORCH_MAX_CHUNK),
+    )
+    return y.to(x.dtype)
