@@ -34,10 +34,11 @@ masking (`exp(where(mask, s, -inf))`), so masked terms have exactly zero value a
 
 Modules: `dispatcher` (`ssd_scan`: input checks and the choice of implementation), `chunked` (the torch
 path), `factored` (its fused factored form), `decay` (the exact per-head decay matrices and the recursive scan
-over chunk states) and `mamba` (the mamba-ssm glue).
+over chunk states), `mamba` (the mamba-ssm glue) and `traceable` (a branch-free scan for `torch.export`).
 """
 
 from ssd4rec_torchrec.ops.ssd.dispatcher import KERNELS, TORCH_MAX_CHUNK, ssd_scan
 from ssd4rec_torchrec.ops.ssd.mamba import mamba_ssd_available
+from ssd4rec_torchrec.ops.ssd.traceable import ssd_scan_traceable
 
-__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "mamba_ssd_available", "ssd_scan"]
+__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "mamba_ssd_available", "ssd_scan", "ssd_scan_traceable"]
