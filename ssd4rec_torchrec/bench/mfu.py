@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ssd4rec_torchrec.bench.common import target_verdict
-from ssd4rec_torchrec.bench.encoder import Point, segment_lengths
+from ssd4rec_torchrec.bench.encoder_step import Point, segment_lengths
 from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig
 from ssd4rec_torchrec.ops.ssd import TORCH_MAX_CHUNK
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd4rec_torchrec.bench.encoder import Point, step
+from ssd4rec_torchrec.bench.encoder_step import Point, step
 
 log = logging.getLogger(__name__)
 

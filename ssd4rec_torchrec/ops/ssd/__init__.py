@@ -37,8 +37,16 @@ path), `factored` (its fused factored form), `decay` (the exact per-head decay m
 over chunk states), `mamba` (the mamba-ssm glue) and `traceable` (a branch-free scan for `torch.export`).
 """
 
-from ssd4rec_torchrec.ops.ssd.dispatcher import KERNELS, TORCH_MAX_CHUNK, ssd_scan
+from ssd4rec_torchrec.ops.ssd.dispatcher import KERNELS, TORCH_MAX_CHUNK, KernelOverride, override_kernel, ssd_scan
 from ssd4rec_torchrec.ops.ssd.mamba import mamba_ssd_available
 from ssd4rec_torchrec.ops.ssd.traceable import ssd_scan_traceable
 
-__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "mamba_ssd_available", "ssd_scan", "ssd_scan_traceable"]
+__all__ = [
+    "KERNELS",
+    "TORCH_MAX_CHUNK",
+    "KernelOverride",
+    "mamba_ssd_available",
+    "override_kernel",
+    "ssd_scan",
+    "ssd_scan_traceable",
+]

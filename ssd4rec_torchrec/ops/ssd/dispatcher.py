@@ -1,6 +1,14 @@
-"""`ssd_scan`: argument checks and the choice of implementation (torch or mamba-ssm)."""
+"""`ssd_scan`: argument checks and the choice of implementation (torch, mamba-ssm, or the scan-free skip).
+
+`kernel="skip"` is not a scan: it returns only the D skip (`y = D x`) with dt, A, B and C kept in the autograd
+graph at zero weight, so benchmarks can time a model without its scan (the floor any scan could reach).
+`override_kernel` applies a kernel to every `ssd_scan` call inside a block, whatever its callers ask for.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -8,11 +16,44 @@ from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 from ssd4rec_torchrec.ops.ssd.chunked import _ssd_scan_torch
 from ssd4rec_torchrec.ops.ssd.mamba import _ssd_scan_mamba, mamba_ssd_available
 
-__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "ssd_scan"]
+__all__ = ["KERNELS", "TORCH_MAX_CHUNK", "KernelOverride", "override_kernel", "ssd_scan"]
 
-KERNELS = ("auto", "torch", "mamba")
+KERNELS = ("auto", "torch", "mamba", "skip")
 # Largest tile of the torch path (chunk_size is a tiling choice: it does not change what is computed).
 TORCH_MAX_CHUNK = 64
+
+
+class KernelOverride:
+    """The kernel every `ssd_scan` call runs while `override_kernel` is active; `calls` counts those calls."""
+
+    def __init__(self, kernel: str) -> None:
+        self.kernel = kernel
+        self.calls = 0
+
+
+_override: KernelOverride | None = None
+
+
+@contextlib.contextmanager
+def override_kernel(kernel: str) -> Iterator[KernelOverride]:
+    """Inside the block every `ssd_scan` call uses `kernel` (e.g. "skip" for a scan-free benchmark floor),
+    whatever kernel its caller passes; the previous override (if any) is restored on exit. Process-wide."""
+    global _override
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    previous, _override = _override, KernelOverride(kernel)
+    try:
+        yield _override
+    finally:
+        _override = previous
+
+
+def _skip_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor | None) -> torch.Tensor:
+    """`kernel="skip"`: the D skip alone, `y = D x` (x itself without D); dt, A, B and C stay in the graph
+    (zero-weighted) so their producers still get a backward pass."""
+    keep = (dt.sum() + A.sum() + B.sum() + C.sum()) * 0
+    return x * (D.view(1, -1, 1) if D is not None and D.dim() == 1 else (1.0 if D is None else D)) + keep
 
 
 def _check_inputs(
@@ -83,12 +124,18 @@ def ssd_scan(
             which tiles with `min(chunk_size, TORCH_MAX_CHUNK)`: the result is the same up to rounding, and
             on a CPU larger tiles only add quadratic work and make the factored form fall back more often).
         kernel: "torch" (pure-torch chunked dual form), "mamba" (mamba-ssm Triton kernel, also on CPU tensors
-            under TRITON_INTERPRET=1) or "auto" (mamba on CUDA tensors when importable, torch otherwise).
+            under TRITON_INTERPRET=1), "auto" (mamba on CUDA tensors when importable, torch otherwise) or
+            "skip" (no scan: `y = D x`, for benchmarks). Inside `override_kernel` its kernel is used instead.
 
     The torch path computes in fp32 for half-precision inputs (float64 stays float64) and is differentiable
     with respect to x, dt, A, B, C and D.
     """
+    if _override is not None:
+        _override.calls += 1
+        kernel = _override.kernel
     _check_inputs(x, dt, A, B, C, offsets, D, chunk_size, kernel)
+    if kernel == "skip":
+        return _skip_scan(x, dt, A, B, C, D)
     T = x.shape[0]
     seg = segment_ids(offsets, T)
     use_mamba = kernel == "mamba" or (kernel == "auto" and x.is_cuda and mamba_ssd_available())
