@@ -13,6 +13,7 @@ import torch
 
 from ssd4rec_torchrec.bench.common import scan_free
 from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig
+from ssd4rec_torchrec.ops import offsets_from_lengths
 
 __all__ = ["PeakMemory", "Point", "make_point", "point_row", "segment_lengths", "step"]
 
@@ -120,8 +121,7 @@ def make_point(
         d_model=d_model, n_layers=layers, kernel=kernel, chunk_size=chunk_size, gradient_checkpointing=checkpoint
     )
     enc = BiSSDEncoder.from_config(cfg).to(device).train()
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
     x = torch.randn(total, d_model, device=device, requires_grad=True)
     return Point(d_model, total, lengths, enc, x, offsets.to(device))
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..ops.canonical import canonical_scores
+from ..ops.segments import offsets_from_lengths
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,7 @@ def _queries(args) -> tuple[Tensor, Tensor]:
         p = bundle.popularity + 1.0
         lengths = gen.integers(1, (bundle.max_history or 200) + 1, size=args.queries)
         values = torch.from_numpy(gen.choice(bundle.num_items, size=int(lengths.sum()), p=p / p.sum()) + 1)
-        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+        offsets = offsets_from_lengths(torch.from_numpy(lengths))
         with torch.inference_mode():
             return bundle.item_vectors, bundle.tower(values, offsets).float()
     n, d = args.random
