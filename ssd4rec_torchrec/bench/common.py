@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["SavedBytes", "fit_power_law", "target_verdict"]
+from ssd4rec_torchrec.ops.ssd import KernelOverride, override_kernel
+
+__all__ = ["SavedBytes", "fit_power_law", "scan_free", "target_verdict"]
 
 
 def fit_power_law(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
@@ -85,3 +87,14 @@ class SavedBytes:
         unpack: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
         with torch.autograd.graph.saved_tensors_hooks(self._pack, unpack):
             yield self
+
+
+@contextmanager
+def scan_free(enabled: bool = True) -> Iterator[KernelOverride | None]:
+    """While enabled, every SSD scan is only its D skip (`y = D x`, `ssd_scan(kernel="skip")`): the scan-free
+    floor of a benchmark. Yields the override (its `calls` counts the replaced scans), or None when disabled."""
+    if not enabled:
+        yield None
+        return
+    with override_kernel("skip") as override:
+        yield override

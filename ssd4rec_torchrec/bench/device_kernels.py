@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ssd4rec_torchrec.ops import compat
+from ssd4rec_torchrec.ops.segments import offsets_from_lengths
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def offsets_of(lengths: list[int]) -> torch.Tensor:
     """int64 jagged offsets `[0, cumsum(lengths)]`."""
-    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return out
+    return offsets_from_lengths(torch.tensor(lengths, dtype=torch.int64))
 
 
 def _sync(device: torch.device) -> None:

@@ -133,7 +133,7 @@ class Point:
 def measure(variant: Variant, length: int, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """One point: warm-up steps (the first compiles and autotunes), then `repeats` timed steps, over which the
     peak memory above the memory held before them is taken (so autotuning's scratch buffers do not count)."""
-    from ssd4rec_torchrec.bench.encoder import PeakMemory
+    from ssd4rec_torchrec.bench.encoder_step import PeakMemory
 
     p = Point(variant, cfg["d_model"], length, cfg["tokens"], max(cfg["lengths"]), device)
     first = p.step()

@@ -30,23 +30,19 @@ team's VM. The result records any `MALLOC_*` variables and the load average.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import math
 import os
-import statistics
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ssd4rec_torchrec.bench.common import SavedBytes, fit_power_law, target_verdict
-from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig, SASRecEncoder
-from ssd4rec_torchrec.nn import mixer as mixer_module
+from ssd4rec_torchrec.bench.encoder_compare import plot_compare, run_compare
+from ssd4rec_torchrec.bench.encoder_step import PeakMemory, Point, make_point, point_row, step
+from ssd4rec_torchrec.nn import EncoderConfig
+
+__all__ = ["add_arguments", "main", "plot", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -102,174 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target-k", type=float, default=1.1, help="target Bi-SSD exponent k, time ∝ L^k (1.1)")
 
 
-def segment_lengths(total: int, *, median: float, max_length: int, seed: int) -> list[int]:
-    """Log-normal segment lengths (sigma 1.2, clipped to [1, max_length]) summing exactly to `total`.
-
-    A heavy-tailed mix like prefix lengths of real histories (ML-1M: mean prefix ~200, max 2,277).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    lengths: list[int] = []
-    left = total
-    while left > 0:
-        draw = math.exp(math.log(median) + 1.2 * torch.randn(1, generator=gen).item())
-        n = min(left, max(1, min(max_length, round(draw))))
-        lengths.append(n)
-        left -= n
-    return lengths
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_kb(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory of a step above the memory in use before it (CPU: VmHWM, Linux only; CUDA: allocator)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-
-    def reset(self) -> bool:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return True
-        rss = _proc_kb("/proc/self/status", "VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-        except OSError:
-            return False
-        self.base = 1024 * (rss or 0)
-        return rss is not None
-
-    def peak_bytes(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        hwm = _proc_kb("/proc/self/status", "VmHWM")
-        return None if hwm is None else 1024 * hwm - self.base
-
-    def available_bytes(self) -> int | None:
-        if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0]
-        avail = _proc_kb("/proc/meminfo", "MemAvailable")
-        return None if avail is None else 1024 * avail
-
-
-@dataclass
-class Point:
-    """One (width, packed length) point: its encoder and input, and the step times measured so far."""
-
-    d_model: int
-    total: int
-    lengths: list[int]
-    enc: torch.nn.Module
-    x: torch.Tensor
-    offsets: torch.Tensor
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)
-    peak_bytes: int | None = None
-    model: str = "bissd"
-    saved_bytes: int | None = None
-
-
-def make_point(
-    d_model: int,
-    total: int,
-    *,
-    layers: int,
-    kernel: str,
-    chunk_size: int,
-    checkpoint: bool,
-    device: torch.device,
-    median: float,
-    max_length: int,
-    seed: int,
-) -> Point:
-    """A fresh official-shaped encoder (train mode, dropout on) and `total` packed random tokens."""
-    torch.manual_seed(seed)
-    lengths = segment_lengths(total, median=median, max_length=max_length, seed=seed)
-    cfg = EncoderConfig(
-        d_model=d_model, n_layers=layers, kernel=kernel, chunk_size=chunk_size, gradient_checkpointing=checkpoint
-    )
-    enc = BiSSDEncoder.from_config(cfg).to(device).train()
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
-    x = torch.randn(total, d_model, device=device, requires_grad=True)
-    return Point(d_model, total, lengths, enc, x, offsets.to(device))
-
-
-@contextlib.contextmanager
-def _scan_free(enabled: bool) -> Iterator[None]:
-    """While enabled, every SSD mixer's scan is only its D skip (`y = D x`): the scan-free floor."""
-    if not enabled:
-        yield
-        return
-    real = mixer_module.ssd_scan
-
-    def skip_only(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                  offsets: torch.Tensor, *, D: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
-        # Keep dt, A, B, C in the graph (zero-weighted) so their producers still get a backward pass.
-        keep = (dt.sum() + A.sum() + B.sum() + C.sum()) * 0
-        return x * (D.view(1, -1, 1) if D is not None and D.dim() == 1 else (1.0 if D is None else D)) + keep
-
-    mixer_module.ssd_scan = skip_only
-    try:
-        yield
-    finally:
-        mixer_module.ssd_scan = real
-
-
-def step(p: Point) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one forward+backward step."""
-    with _scan_free(p.model == "bissd_noscan"):
-        return _step(p)
-
-
-def _step(p: Point) -> tuple[float, float]:
-    p.enc.zero_grad(set_to_none=True)
-    p.x.grad = None
-    _sync(p.x.device)
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    out = p.enc(p.x, p.offsets)
-    # Loss on the read-out tokens plus a small all-token term so every position gets a gradient.
-    loss = out[p.offsets[1:] - 1].pow(2).mean() + 1e-3 * out.pow(2).mean()
-    loss.backward()
-    _sync(p.x.device)
-    return time.perf_counter() - t0, time.process_time() - c0
-
-
-def _row(p: Point, kernel: str) -> dict[str, Any]:
-    sec = statistics.median(p.times)
-    return {
-        "d_model": p.d_model,
-        "total_tokens": p.total,
-        "n_segments": len(p.lengths),
-        "max_segment": max(p.lengths),
-        "kernel": kernel,
-        "device": str(p.x.device),
-        "seconds_median": sec,
-        "seconds_min": min(p.times),
-        "seconds_all": p.times,
-        "cpu_seconds_median": statistics.median(p.cpu_times),
-        "tokens_per_s": p.total / sec,
-        "peak_step_gb": None if p.peak_bytes is None else p.peak_bytes / 1e9,
-    }
-
-
 def _table(rows: list[dict[str, Any]]) -> str:
     cols = [("d", 5), ("tokens", 8), ("segs", 6), ("kernel", 7), ("s/step", 9), ("best s", 9), ("cpu s", 9)]
     head = " ".join(f"{name:>{w}}" for name, w in [*cols, ("tokens/s", 11), ("peak GB", 8)])
@@ -323,7 +151,7 @@ def _sweep(
                 p.times.append(wall)
                 p.cpu_times.append(cpu)
                 log.info("d=%d T=%d: %.3f s (cpu %.3f s)", d, p.total, wall, cpu)
-        by_total = {p.total: _row(p, kernel) for p in points}
+        by_total = {p.total: point_row(p, kernel) for p in points}
         for total in totals:
             rows.append(
                 by_total.get(total)
@@ -438,198 +266,10 @@ def _kernel_ratios(dims: list[int], totals: list[int], common: dict[str, Any], h
     return out
 
 
-COMPARE_FULL = {"dims": [64], "lengths": [64, 256, 1024, 4096, 16384], "repeats": 3}
-COMPARE_QUICK = {"dims": [32], "lengths": [64, 256, 1024], "repeats": 1}
-
-
-def make_compare_point(model: str, d_model: int, length: int, tokens: int, args: argparse.Namespace,
-                       device: torch.device, max_length: int) -> Point:
-    """`tokens // length` segments of exactly `length` tokens for Bi-SSD (official sizes) or SASRec."""
-    torch.manual_seed(args.seed)
-    n = tokens // length
-    if model in ("bissd", "bissd_noscan"):
-        cfg = EncoderConfig(d_model=d_model, n_layers=args.layers, kernel=args.kernel, chunk_size=args.chunk_size,
-                            gradient_checkpointing=args.checkpoint)
-        enc: torch.nn.Module = BiSSDEncoder.from_config(cfg)
-    else:
-        heads = args.sasrec_heads or max(1, d_model // 32)
-        enc = SASRecEncoder(d_model, args.layers, heads, dropout=EncoderConfig().dropout, max_positions=max_length,
-                            attn_dropout=args.sasrec_attn_dropout)
-    enc = enc.to(device).train()
-    offsets = torch.arange(0, n * length + 1, length, dtype=torch.int64, device=device)
-    x = torch.randn(n * length, d_model, device=device, requires_grad=True)
-    return Point(d_model, n * length, [length] * n, enc, x, offsets, model=model)
-
-
-def _compare_row(p: Point) -> dict[str, Any]:
-    row = _row(p, "sdpa" if p.model == "sasrec" else "torch")
-    length = p.lengths[0]
-    row.update(model=p.model, length=length,
-               seconds_per_sequence=row["seconds_median"] * length / p.total,
-               saved_activations_gb=None if p.saved_bytes is None else p.saved_bytes / 1e9)
-    return row
-
-
-def run_compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Bi-SSD vs SASRec at fixed tokens per step over segment lengths L (see the module docstring)."""
-    preset = COMPARE_QUICK if args.quick else COMPARE_FULL
-    dims = args.dims or preset["dims"]
-    lengths = sorted(set(args.lengths or preset["lengths"]))
-    repeats = args.repeats or preset["repeats"]
-    tokens = args.tokens_per_step or lengths[-1]
-    if len(lengths) < 2:
-        raise ValueError("--lengths needs at least two lengths to fit an exponent")
-    if lengths[-1] > tokens:
-        raise ValueError(f"--tokens-per-step {tokens} is shorter than the longest length {lengths[-1]}")
-    ratio_length = args.ratio_length or (lengths[-1] if args.quick else 4096)
-    if ratio_length not in lengths:
-        raise ValueError(f"--ratio-length {ratio_length} is not one of --lengths {lengths}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mem = PeakMemory(device)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    rows: list[dict[str, Any]] = []
-    for d in dims:
-        points: list[Point] = []
-        for model in ("bissd", "sasrec", "bissd_noscan"):
-            prev: Point | None = None
-            for length in (lengths if model != "bissd_noscan" else [ratio_length]):
-                avail = mem.available_bytes()
-                if args.memory_headroom > 0 and prev is not None and avail is not None:
-                    # Conservative: per-token memory may grow like L (attention); tokens are fixed.
-                    known = max(prev.peak_bytes or 0, prev.saved_bytes or 0)
-                    need = known * length / prev.lengths[0]
-                    if need > args.memory_headroom * avail:
-                        why = f"needs ~{need / 1e9:.1f} GB (from L={prev.lengths[0]}), {avail / 1e9:.1f} GB available"
-                        log.warning("%s d=%d L=%d skipped: %s", model, d, length, why)
-                        rows.append({"model": model, "d_model": d, "length": length, "skipped": why})
-                        continue
-                p = make_compare_point(model, d, length, tokens, args, device, lengths[-1])
-                tracked = mem.reset()
-                saved = SavedBytes()
-                with saved.track():
-                    step(p)  # warm-up; gives the step's peak memory and its saved activations
-                p.peak_bytes = mem.peak_bytes() if tracked else None
-                p.saved_bytes = saved.bytes
-                points.append(p)
-                prev = p
-        for _ in range(repeats):  # interleaved rounds: outside load hits every point alike
-            for p in points:
-                wall, cpu = step(p)
-                p.times.append(wall)
-                p.cpu_times.append(cpu)
-                log.info("%s d=%d L=%d: %.3f s (cpu %.3f s)", p.model, d, p.lengths[0], wall, cpu)
-        rows.extend(_compare_row(p) for p in points)
-        del points
-    summary = compare_summary(rows, dims, ratio_length, args.target_speedup, args.target_k)
-    log.info("Bi-SSD vs SASRec, %d tokens/step, %d layers, %s, %d threads:\n%s", tokens, args.layers, device,
-             torch.get_num_threads(), _compare_table(rows))
-    for d, s in summary.items():
-        for key in ("speedup_target", "k_target"):
-            log.info("d=%s: %s", d, s[key]["text"])
-        if s.get("scan_free_speedup") is not None:
-            log.info("d=%s: with the scan removed (y = D x) Bi-SSD would be %.2fx SASRec at L=%d; the scan is %.0f%% "
-                     "of the Bi-SSD step", d, s["scan_free_speedup"], s["speedup_at"], 100 * s["scan_share"])
-    return {
-        "output_name": "encoder_vs_sasrec",
-        "mode": "compare_sasrec",
-        "tokens_per_step": tokens,
-        "lengths": lengths,
-        "layers": args.layers,
-        "chunk_size": args.chunk_size,
-        "sasrec": {"heads": args.sasrec_heads or "max(1, d // 32)", "attn_dropout": args.sasrec_attn_dropout,
-                   "max_positions": lengths[-1]},
-        "device": str(device),
-        "num_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "repeats": repeats,
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        "rows": rows,
-        "summary": summary,
-    }
-
-
-def compare_summary(rows: list[dict[str, Any]], dims: list[int], ratio_length: int, target_speedup: float,
-                    target_k: float) -> dict[str, Any]:
-    """Per width: fitted k per model (time per sequence vs L), the speed-up at `ratio_length`, target verdicts."""
-    out: dict[str, Any] = {}
-    for d in dims:
-        entry: dict[str, Any] = {}
-        done = {(r["model"], r["length"]): r for r in rows if r["d_model"] == d and "skipped" not in r}
-        for model in ("bissd", "sasrec"):
-            pts = sorted((L, r["seconds_per_sequence"]) for (m, L), r in done.items() if m == model)
-            fit = fit_power_law(*zip(*pts)) if len({L for L, _ in pts}) >= 2 else None
-            entry[model] = {"fit": fit, "lengths": [L for L, _ in pts]}
-        a, b = done.get(("bissd", ratio_length)), done.get(("sasrec", ratio_length))
-        speedup = b["seconds_median"] / a["seconds_median"] if a and b else None
-        entry["speedup_at"] = ratio_length
-        entry["bissd_speedup"] = speedup  # = SASRec step time / Bi-SSD step time (same tokens)
-        entry["speedup_target"] = target_verdict(f"Bi-SSD/SASRec tokens/s at L={ratio_length}", speedup,
-                                                 target_speedup, higher_is_better=True, unit="x")
-        floor = done.get(("bissd_noscan", ratio_length))
-        # The scan-free encoder's speed-up over SASRec: what a zero-cost scan would give (a hard ceiling).
-        entry["scan_free_speedup"] = b["seconds_median"] / floor["seconds_median"] if floor and b else None
-        entry["scan_share"] = 1 - floor["seconds_median"] / a["seconds_median"] if floor and a else None
-        k = entry["bissd"]["fit"]["k"] if entry["bissd"]["fit"] else None
-        entry["k_target"] = target_verdict("Bi-SSD exponent k", k, target_k, higher_is_better=False)
-        out[str(d)] = entry
-    return out
-
-
-def _compare_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'model':>12} {'d':>4} {'L':>6} {'segs':>5} {'s/step':>8} {'best s':>8} {'s/seq':>10} "
-            f"{'tokens/s':>10} {'peak GB':>8} {'saved GB':>9}")
-    lines = [head]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"{r['model']:>12} {r['d_model']:>4} {r['length']:>6}  skipped: {r['skipped']}")
-            continue
-        peak = "?" if r["peak_step_gb"] is None else f"{r['peak_step_gb']:.2f}"
-        saved = "?" if r["saved_activations_gb"] is None else f"{r['saved_activations_gb']:.3f}"
-        lines.append(
-            f"{r['model']:>12} {r['d_model']:>4} {r['length']:>6} {r['n_segments']:>5} {r['seconds_median']:>8.3f} "
-            f"{r['seconds_min']:>8.3f} {r['seconds_per_sequence']:>10.5f} {r['tokens_per_s']:>10.0f} {peak:>8} "
-            f"{saved:>9}"
-        )
-    return "\n".join(lines)
-
-
-def _plot_compare(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    done = [r for r in result["rows"] if "skipped" not in r]
-    for d in sorted({r["d_model"] for r in done}):
-        for model in ("bissd", "sasrec"):
-            pts = sorted((r["length"], r["tokens_per_s"], r["seconds_per_sequence"]) for r in done
-                         if r["d_model"] == d and r["model"] == model)
-            if not pts:
-                continue
-            fit = result["summary"][str(d)][model]["fit"]
-            label = f"{model} d={d}" + (f" (k={fit['k']:.2f})" if fit else "")
-            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
-    for ax in (ax1, ax2):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("segment length L")
-    ax1.set_ylabel("tokens/s (fwd+bwd)")
-    ax2.set_yscale("log")
-    ax2.set_ylabel("seconds per sequence")
-    ax1.set_title(f"{result['tokens_per_step']} tokens/step, {result['device']}")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     """tokens/s versus packed length, one line per width (log-x); Bi-SSD vs SASRec in --compare-sasrec mode."""
     if result.get("mode") == "compare_sasrec":
-        _plot_compare(result, path)
+        plot_compare(result, path)
         return
     import matplotlib
 

@@ -43,8 +43,9 @@ from typing import Any
 import torch
 
 from ssd4rec_torchrec.bench.common import target_verdict
-from ssd4rec_torchrec.bench.encoder import Point, segment_lengths
+from ssd4rec_torchrec.bench.encoder_step import Point, segment_lengths
 from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig
+from ssd4rec_torchrec.ops import offsets_from_lengths
 from ssd4rec_torchrec.ops.ssd import TORCH_MAX_CHUNK
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,7 @@ def _point(d_model: int, tokens: int, args: argparse.Namespace) -> Point:
     cfg = EncoderConfig(d_model=d_model, n_layers=args.layers, d_state=args.d_state, headdim=args.headdim,
                         chunk_size=args.chunk_size, kernel="torch")
     enc = BiSSDEncoder.from_config(cfg).train()
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    offsets = offsets_from_lengths(torch.tensor(lengths))
     x = torch.randn(tokens, d_model, requires_grad=True)
     return Point(d_model, tokens, lengths, enc, x, offsets)
 

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssd4rec_torchrec.bench.encoder import Point, step
+from ssd4rec_torchrec.bench.encoder_step import Point, step
+from ssd4rec_torchrec.ops import offsets_from_lengths
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def padding_waste(lengths: Sequence[int], batch_size: int) -> dict[str, Any]:
 
 def _points(enc: torch.nn.Module, lengths: np.ndarray, d_model: int) -> tuple[Point, Point]:
     """(packed, padded) points of one batch sharing the encoder."""
-    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(torch.as_tensor(lengths, dtype=torch.int64), 0)
+    offsets = offsets_from_lengths(torch.as_tensor(lengths, dtype=torch.int64))
     total = int(offsets[-1])
     packed = Point(d_model, total, [int(n) for n in lengths], enc, torch.randn(total, d_model, requires_grad=True),
                    offsets)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ssd4rec_torchrec.runtime import tune_malloc
 
 if __name__ == "__main__":
-    tune_malloc()  # re-exec now (as apps/train.py would), before the patch below is applied
+    tune_malloc()  # re-exec now (as apps/train.py would), before the scan override below is entered
 
     import json
     import os
@@ -18,23 +18,14 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    from ssd4rec_torchrec.bench.encoder import _scan_free
-    from ssd4rec_torchrec.nn import mixer as mixer_module
+    from ssd4rec_torchrec.bench.common import scan_free
 
     script = Path(__file__).resolve().parents[2] / "apps" / "train.py"
     sys.argv[0] = str(script)
-    calls = [0]
-    with _scan_free(True):
-        skip_only = mixer_module.ssd_scan
-
-        def counted(*args, **kwargs):
-            calls[0] += 1
-            return skip_only(*args, **kwargs)
-
-        mixer_module.ssd_scan = counted
+    with scan_free() as override:
         try:
             runpy.run_path(str(script), run_name="__main__")
         finally:
             marker = os.environ.get("SSD4REC_SCAN_FREE_MARKER")
             if marker:  # proof for the suite that the replacement was really used, per rank
-                Path(f"{marker}.{os.environ.get('RANK', '0')}").write_text(json.dumps({"scan_calls": calls[0]}))
+                Path(f"{marker}.{os.environ.get('RANK', '0')}").write_text(json.dumps({"scan_calls": override.calls}))

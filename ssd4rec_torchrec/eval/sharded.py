@@ -28,7 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import PROTOCOLS, block_rank_counts, block_topk, canonical_target_scores, finish_ranks, merge_topk
+from ..ops.canonical import canonical_target_scores
+from ..ops.ranking import PROTOCOLS, block_rank_counts, finish_ranks
+from ..ops.segments import offsets_from_lengths
+from ..ops.topk import block_topk, merge_topk
 
 SCORE_BUDGET_BYTES = 1 << 25  # per score chunk (users x items x 4 bytes) before re-scoring
 BLOCK_ROWS = 1 << 16  # rows per item block: bounds the per-block fp32 / float64 working copies
@@ -116,7 +119,7 @@ class _Gathered:
         self.targets = torch.cat(_all_gather_padded(targets.long(), users, group))
         all_lengths = torch.cat(_all_gather_padded(lengths.long(), users, group))
         self.hist_values = torch.cat(_all_gather_padded(hist_values.long(), hist, group))
-        self.hist_offsets = torch.cat([all_lengths.new_zeros(1), torch.cumsum(all_lengths, 0)])
+        self.hist_offsets = offsets_from_lengths(all_lengths)
 
     def mine(self, t: Tensor) -> Tensor:
         """This rank's users' rows of a per-gathered-user tensor."""

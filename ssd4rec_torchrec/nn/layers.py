@@ -10,105 +10,13 @@ from torch import nn
 from ssd4rec_torchrec.nn.dropout import Dropout
 from ssd4rec_torchrec.nn.mixer import SSDMixer
 from ssd4rec_torchrec.ops import reverse_segments_index
+from ssd4rec_torchrec.ops.bidirectional import _AddDirections, _StackReversedSplit, reverse_rows
 
 __all__ = ["BACKWARD_SCOPES", "BiSSDLayer", "PositionwiseFeedForward", "reverse_rows"]
 
 # What the backward branch scans for row t: the whole sequence (SSD4Rec), or only the prefix ending at t, read at
 # its end (the every-prefix objective's read-out for all t at once; the layer is then causal).
 BACKWARD_SCOPES = ("sequence", "prefix")
-
-
-# Segment reversal is an involution (rev[rev] = identity), so the gradient of a gather by `rev` is the same
-# gather: no scatter-add (autograd's default backward for `x[rev]`) is needed. The Functions below use that.
-
-
-class _ReverseRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rev)
-        return x.index_select(0, rev)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (rev,) = ctx.saved_tensors
-        return grad.index_select(0, rev), None
-
-
-def reverse_rows(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-    """`x[rev]` for a self-inverse `rev` (`reverse_segments_index`), with a gather (not a scatter) as backward."""
-    return _ReverseRows.apply(x, rev)
-
-
-def _stack_reversed(x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-    """`cat([x, x[rev]])` written into one buffer."""
-    n = x.shape[0]
-    out = x.new_empty((2 * n, *x.shape[1:]))
-    out[:n].copy_(x)
-    torch.index_select(x, 0, rev, out=out[n:])
-    return out
-
-
-class _StackReversed(torch.autograd.Function):
-    """(T, C) -> (2T, C) `cat([x, x[rev]])` in one buffer; backward `g[:T] + g[T:][rev]`."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rev)
-        return _stack_reversed(x, rev)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (rev,) = ctx.saved_tensors
-        n = grad.shape[0] // 2
-        return grad[n:].index_select(0, rev).add_(grad[:n]), None
-
-
-class _StackReversedSplit(torch.autograd.Function):
-    """(T, C) -> the column blocks (widths `sizes`) of `cat([x, x[rev]])` (2T rows), views of one buffer.
-
-    Backward writes the (T, C) gradient column block by column block, `g[:T] + g[T:][rev]` each, so the blocks'
-    gradients are never concatenated into a (2T, C) tensor (what autograd's `split` backward would do).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, rev: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(rev)
-        ctx.sizes = sizes
-        return tuple(_stack_reversed(x, rev).split(sizes, 1))
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (rev,) = ctx.saved_tensors
-        n = rev.shape[0]
-        dx = grads[0].new_empty(n, sum(ctx.sizes))
-        for g, block in zip(grads, dx.split(ctx.sizes, 1), strict=True):
-            torch.add(g[:n], g[n:].index_select(0, rev), out=block)
-        return dx, None, None
-
-
-class _AddDirections(torch.autograd.Function):
-    """(2T, C) -> (T, C) `y[:T] + beta * y[T:][rev]` (`rev=None`: no reversal); backward writes one buffer."""
-
-    @staticmethod
-    def forward(ctx: Any, y: torch.Tensor, rev: torch.Tensor | None, beta: float) -> torch.Tensor:
-        if rev is not None:
-            ctx.save_for_backward(rev)
-        ctx.beta, ctx.flip = beta, rev is not None
-        n = y.shape[0] // 2
-        bwd = y[n:] if rev is None else y[n:].index_select(0, rev)
-        return torch.add(y[:n], bwd, alpha=beta)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        n = grad.shape[0]
-        out = grad.new_empty((2 * n, *grad.shape[1:]))
-        out[:n].copy_(grad)
-        if ctx.flip:
-            (rev,) = ctx.saved_tensors
-            torch.index_select(grad, 0, rev, out=out[n:]).mul_(ctx.beta)
-        else:
-            torch.mul(grad, ctx.beta, out=out[n:])
-        return out, None, None
 
 
 class PositionwiseFeedForward(nn.Module):

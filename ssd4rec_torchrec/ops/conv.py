@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 from ssd4rec_torchrec.ops.native import native_ops
 from ssd4rec_torchrec.ops.segments import segment_ids, validate_offsets
 
-__all__ = ["causal_conv1d_available", "varlen_causal_conv1d"]
+__all__ = ["causal_conv1d_available", "varlen_causal_conv1d", "varlen_conv_silu_traceable"]
 
 logger = logging.getLogger(__name__)
 
@@ -293,3 +293,19 @@ def varlen_causal_conv1d(
     y = fn.apply(xc, weight.to(cdtype), None if bias is None else bias.to(cdtype), offsets, activation is not None,
                  split)
     return y.to(x.dtype) if split is None else tuple(part.to(x.dtype) for part in y)
+
+
+def varlen_conv_silu_traceable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               pos: torch.Tensor) -> torch.Tensor:
+    """Segment-resetting causal depthwise conv + SiLU for ``torch.export``: x (T, C), weight (C, W) (``[:, -1]`` =
+    current token), pos (T,) each token's position in its segment. W shifted slices of a front-padded copy,
+    masked by position: no loop bound on T, no host sync."""
+    n_tok, width = x.shape[0], weight.shape[1]
+    xp = F.pad(x, (0, 0, width - 1, 0))  # xp[t + width - 1] = x[t]
+    y = x * weight[:, width - 1]
+    for k in range(1, width):
+        shifted = xp[width - 1 - k: width - 1 - k + n_tok]  # shifted[t] = x[t - k] (0 before the start)
+        y = y + torch.where((pos >= k).unsqueeze(-1), shifted, torch.zeros_like(shifted)) * weight[:, width - 1 - k]
+    if bias is not None:
+        y = y + bias
+    return F.silu(y)

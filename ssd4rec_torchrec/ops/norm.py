@@ -32,11 +32,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ssd4rec_torchrec.ops.native import native_ops
 
-__all__ = ["fused_gated_rms_norm"]
+__all__ = ["fused_gated_rms_norm", "gated_rms_norm_traceable"]
 
 
 # Elements per block of rows (1 MiB per scratch buffer in fp32): 2**18 measured fastest of 2**16..2**20 and
@@ -236,3 +237,14 @@ def fused_gated_rms_norm(
     if _native_applies(x2, weight, z2, norm_before_gate):
         return _NativeGatedRMSNorm.apply(x2, weight, z2, eps, group_size).view(shape)
     return _GatedRMSNorm.apply(x2, weight, z2, eps, group_size, norm_before_gate).view(shape)
+
+
+def gated_rms_norm_traceable(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, *, eps: float, group_size: int,
+                             norm_before_gate: bool) -> torch.Tensor:
+    """``fused_gated_rms_norm`` in plain tensor ops for ``torch.export`` (the fused op works over row blocks,
+    a loop bound on T); same mathematics, summation order of the plain formula."""
+    if not norm_before_gate:
+        x = x * F.silu(z)
+    groups = x.unflatten(-1, (-1, group_size))
+    out = (groups * torch.rsqrt(groups.square().mean(dim=-1, keepdim=True) + eps)).flatten(-2) * weight
+    return out * F.silu(z) if norm_before_gate else out

@@ -5,7 +5,7 @@ with 1-based item indices (row ``i`` of the item vectors is item ``i + 1``), bes
 num_items)``. ``exclude[b]`` is a set of item indices never returned for user ``b`` (``exclude_seen``);
 rows with fewer than ``k'`` eligible items end in item 0 with score ``-inf``.
 
-``ExactIndex`` ranks by the evaluator's canonical float64 scores (``eval.metrics.block_topk``: fp32 matmul
+``ExactIndex`` ranks by the evaluator's canonical float64 scores (``ops.topk.block_topk``: fp32 matmul
 chunked over items, near-ties re-scored in a fixed summation order; ties by item index ascending), so a
 result never depends on the batch it was computed in and equals the offline evaluator's top-k.
 The FAISS indexes score in float32; the approximate ones (HNSW, IVF) over-fetch to make room for excluded
@@ -22,6 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..ops.canonical import canonical_scores
+from ..ops.segments import offsets_from_lengths
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +71,11 @@ class ItemIndex(ABC):
 
 
 class ExactIndex(ItemIndex):
-    """Exact top-k under the evaluator's canonical float64 scores (``eval.metrics.canonical_scores``).
+    """Exact top-k under the evaluator's canonical float64 scores (``ops.canonical.canonical_scores``).
 
     Per chunk of items: a float64 matmul, its k-th best score per user, and every item within the matmul's
     rounding bound of it re-scored canonically; only those candidates are sorted (score desc, index asc).
-    Equals ``eval.metrics.block_topk`` (test), without sorting whole score rows.
+    Equals ``ops.topk.block_topk`` (test), without sorting whole score rows.
     """
 
     kind = "exact"
@@ -86,8 +89,6 @@ class ExactIndex(ItemIndex):
 
     def search(self, user_vectors: Tensor | np.ndarray, k: int, exclude: Sequence[set[int]] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        from ..eval.metrics import canonical_scores
-
         users = _as_tensor(user_vectors)
         k, batch = min(_check_k(k), self.num_items), users.shape[0]
         sets = _check_exclude(exclude, batch)
@@ -263,7 +264,7 @@ def _queries(args) -> tuple[Tensor, Tensor]:
         p = bundle.popularity + 1.0
         lengths = gen.integers(1, (bundle.max_history or 200) + 1, size=args.queries)
         values = torch.from_numpy(gen.choice(bundle.num_items, size=int(lengths.sum()), p=p / p.sum()) + 1)
-        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]))
+        offsets = offsets_from_lengths(torch.from_numpy(lengths))
         with torch.inference_mode():
             return bundle.item_vectors, bundle.tower(values, offsets).float()
     n, d = args.random

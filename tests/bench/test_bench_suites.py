@@ -212,21 +212,21 @@ def test_train_quick_two_ranks(runs: _Runs) -> None:
 
 
 def test_scan_free_floor_replaces_only_the_scan() -> None:
-    """Inside `_scan_free` a mixer's scan is exactly its D skip; outside, the real scan is back."""
+    """Inside `scan_free` a mixer's scan is exactly its D skip; outside, the real scan is back."""
     import torch
 
-    from ssd4rec_torchrec.bench.encoder import _scan_free
+    from ssd4rec_torchrec.bench.common import scan_free
     from ssd4rec_torchrec.nn import mixer as mixer_module
 
     torch.manual_seed(0)
     m = mixer_module.SSDMixer(16, d_state=8, headdim=8, chunk_size=8, kernel="torch")
     x, offsets = torch.randn(20, 16), torch.tensor([0, 7, 20])
     real = m(x, offsets)
-    captured = {}
-    with _scan_free(True):
+    with scan_free() as override:
         floor = m(x, offsets)
-        captured["scan"] = mixer_module.ssd_scan
-    assert captured["scan"] is not mixer_module.ssd_scan
+    assert override.calls == 1
+    with scan_free(False) as disabled:
+        assert disabled is None and torch.equal(m(x, offsets), real)
     assert torch.equal(m(x, offsets), real) and not torch.allclose(floor, real)
     # Hand-computed floor: the mixer with y = D * x_ssm (x_ssm = the conv output's first d_inner channels).
     zxbcdt = m.in_proj(x)

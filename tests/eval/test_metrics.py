@@ -24,7 +24,7 @@ from ssd4rec_torchrec.eval import (
     score_ranks,
     target_ranks,
 )
-from ssd4rec_torchrec.eval import metrics as metrics_module
+from ssd4rec_torchrec.ops import canonical as canonical_module
 
 # ----------------------------------------------------------------------------------------------------------------
 # independent references (plain Python, no torch ops on the ranking path)
@@ -317,7 +317,7 @@ def test_wider_near_tie_band_changes_nothing(monkeypatch):
     # TF32 / bf16 matmul settings widen the band re-scored in float64; that may only cost time
     users, items, targets, values, offsets = _random_problem(6, 40, 400, 12)
     want = score_ranks(users, items, targets, history_values=values, history_offsets=offsets)
-    monkeypatch.setattr(metrics_module, "_fp32_matmul_input_roundoff", lambda device: 2.0**-8)
+    monkeypatch.setattr(canonical_module, "_fp32_matmul_input_roundoff", lambda device: 2.0**-8)
     got = score_ranks(users, items, targets, history_values=values, history_offsets=offsets, chunk_items=64)
     for p in want:
         assert torch.equal(got[p], want[p])

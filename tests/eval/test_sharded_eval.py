@@ -20,16 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from ssd4rec_torchrec.eval.metrics import (
-    PROTOCOLS,
-    block_rank_counts,
-    block_topk,
-    canonical_target_scores,
-    finish_ranks,
-    merge_topk,
-    score_ranks,
-)
 from ssd4rec_torchrec.eval.sharded import local_item_blocks
+from ssd4rec_torchrec.ops.canonical import canonical_target_scores
+from ssd4rec_torchrec.ops.ranking import PROTOCOLS, block_rank_counts, finish_ranks, score_ranks
+from ssd4rec_torchrec.ops.topk import block_topk, merge_topk
 
 WORLD = 2
 NUM_ITEMS, DIM = 97, 8

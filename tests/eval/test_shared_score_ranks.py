@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ssd4rec_torchrec.eval.metrics import ranks_from_scores
+from ssd4rec_torchrec.ops.ranking import ranks_from_scores
 
 
 def test_shared_scores_equal_per_user_scores():

@@ -17,8 +17,8 @@ from nn_testutils import SMALL, offsets_from_lengths
 from torch import nn
 
 from ssd4rec_torchrec.nn import BiSSDLayer, SSDMixer
-from ssd4rec_torchrec.nn.layers import _AddDirections, _StackReversed, _StackReversedSplit, reverse_rows
 from ssd4rec_torchrec.ops import reverse_segments_index
+from ssd4rec_torchrec.ops.bidirectional import _AddDirections, _StackReversed, _StackReversedSplit, reverse_rows
 
 LENGTHS = [5, 1, 40, 17, 70]  # 133 tokens: several chunks of 32, a length-1 segment
 

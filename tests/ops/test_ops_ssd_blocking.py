@@ -10,7 +10,7 @@ import pytest
 import torch
 from ops_reference import make_ssd_inputs, offsets_of
 
-import ssd4rec_torchrec.ops.ssd as ssd_mod
+import ssd4rec_torchrec.ops.ssd.decay as decay_mod
 from ssd4rec_torchrec.ops import ssd_scan
 
 NAMES = ("x", "dt", "A", "B", "C", "D")
@@ -18,9 +18,9 @@ NAMES = ("x", "dt", "A", "B", "C", "D")
 
 def run(monkeypatch: pytest.MonkeyPatch, budget: int, lengths: list[int], q: int, H: int, G: int,
         scan_block: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    monkeypatch.setattr(ssd_mod, "_BLOCK_BYTES", budget)
+    monkeypatch.setattr(decay_mod, "_BLOCK_BYTES", budget)
     if scan_block is not None:
-        monkeypatch.setattr(ssd_mod, "_SCAN_BLOCK", scan_block)
+        monkeypatch.setattr(decay_mod, "_SCAN_BLOCK", scan_block)
     inp = make_ssd_inputs(lengths, H, G, 3, 5, "hp", torch.float32, 11, requires_grad=True)
     y = ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets_of(lengths), D=inp["D"],
                  chunk_size=q, kernel="torch")

@@ -14,7 +14,7 @@ import torch
 from ops_reference import make_ssd_inputs, offsets_of, rel_err, ssd_reference
 from test_ops_ssd_scan import CASES, check_against_reference
 
-import ssd4rec_torchrec.ops.ssd as ssd_mod
+import ssd4rec_torchrec.ops.ssd.chunked as chunked_mod
 from ssd4rec_torchrec.ops import ssd_scan
 
 NAMES = ("x", "dt", "A", "B", "C", "D")
@@ -27,8 +27,8 @@ class PathSpy:
         self.factored = 0
         self.fused = 0
         self.exact = 0
-        real_factored, real_exact = ssd_mod._intra_chunk_factored, ssd_mod._DecayMatmul.apply
-        real_fused = ssd_mod._FactoredScan.apply
+        real_factored, real_exact = chunked_mod._intra_chunk_factored, chunked_mod._DecayMatmul.apply
+        real_fused = chunked_mod._FactoredScan.apply
 
         def factored(a, *rest):
             self.factored += a.shape[0]
@@ -44,16 +44,16 @@ class PathSpy:
                 self.exact += a.shape[0]
             return real_exact(a, cb, u, mask)
 
-        monkeypatch.setattr(ssd_mod, "_intra_chunk_factored", factored)
-        monkeypatch.setattr(ssd_mod._FactoredScan, "apply", fused)
-        monkeypatch.setattr(ssd_mod._DecayMatmul, "apply", exact)
+        monkeypatch.setattr(chunked_mod, "_intra_chunk_factored", factored)
+        monkeypatch.setattr(chunked_mod._FactoredScan, "apply", fused)
+        monkeypatch.setattr(chunked_mod._DecayMatmul, "apply", exact)
 
 
 @pytest.mark.parametrize("form", ["factored", "exact"])
 @pytest.mark.parametrize("name", ["chunk_pm1", "span_4_chunks", "one_long_q64", "empty_segments", "chunk_odd"])
 def test_each_form_matches_reference(monkeypatch: pytest.MonkeyPatch, form: str, name: str) -> None:
     if form == "exact":
-        monkeypatch.setattr(ssd_mod, "_FACTORED_MAX_LOG", 0.0)
+        monkeypatch.setattr(chunked_mod, "_FACTORED_MAX_LOG", 0.0)
     spy = PathSpy(monkeypatch)
     lengths, q = CASES[name]
     check_against_reference(lengths, q, H=4, G=2, P=3, N=5, D_kind="h", seed=len(name))

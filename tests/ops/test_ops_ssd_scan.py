@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ops_reference import make_ssd_inputs, offsets_of, rel_err, ssd_reference, sum_rel_err
 
-import ssd4rec_torchrec.ops.ssd as ssd_mod
+import ssd4rec_torchrec.ops.ssd.decay as decay_mod
 from ssd4rec_torchrec.ops import ssd_scan
 
 OUT_TOL = 1e-5
@@ -123,7 +123,7 @@ def test_single_token_total() -> None:
 @pytest.mark.parametrize("block", [2, 3, 5])
 def test_recursive_chunk_scan(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
     """Many chunks with a tiny scan block exercise several levels of the recursive inter-chunk scan."""
-    monkeypatch.setattr(ssd_mod, "_SCAN_BLOCK", block)
+    monkeypatch.setattr(decay_mod, "_SCAN_BLOCK", block)
     check_against_reference([37, 1, 60, 2, 19, 23], 2, H=2, G=1, P=3, N=4, D_kind="hp", seed=block)
 
 
@@ -309,3 +309,26 @@ def test_mamba_kernel_missing_gives_clear_error() -> None:
     inp = make_ssd_inputs([3], 2, 1, 2, 2, None)
     with pytest.raises(ImportError, match="kernel='mamba'"):
         ssd_scan(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], offsets_of([3]), kernel="mamba")
+
+
+def test_skip_kernel_is_the_d_skip_and_override_counts_calls() -> None:
+    """`kernel="skip"` returns `D x` (x without D) and keeps dt, A, B, C in the graph at zero weight;
+    `override_kernel` applies a kernel to every call inside its block and restores the caller's afterwards."""
+    from ssd4rec_torchrec.ops.ssd import override_kernel
+
+    inp = make_ssd_inputs([5, 7], H=2, G=1, P=3, N=4, D_kind="h", seed=5)
+    x, dt, A, B, C, D = (inp[k] for k in ("x", "dt", "A", "B", "C", "D"))
+    offsets = offsets_of([5, 7])
+    dt.requires_grad_(True)
+    y = ssd_scan(x, dt, A, B, C, offsets, D=D, kernel="skip")
+    assert torch.equal(y, x * D.view(1, -1, 1))
+    assert torch.equal(ssd_scan(x, dt, A, B, C, offsets, kernel="skip"), x)
+    y.sum().backward()
+    assert dt.grad is not None and torch.equal(dt.grad, torch.zeros_like(dt))
+    real = ssd_scan(x, dt, A, B, C, offsets, D=D, kernel="torch")
+    with override_kernel("skip") as override:
+        assert torch.equal(ssd_scan(x, dt, A, B, C, offsets, D=D, kernel="torch"), x * D.view(1, -1, 1))
+    assert override.calls == 1
+    assert torch.equal(ssd_scan(x, dt, A, B, C, offsets, D=D, kernel="torch"), real)
+    with pytest.raises(ValueError, match="kernel must be one of"), override_kernel("fast"):
+        pass

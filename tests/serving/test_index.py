@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssd4rec_torchrec.bundle import BundleError, load_serving_bundle
-from ssd4rec_torchrec.eval.metrics import block_topk
+from ssd4rec_torchrec.ops.topk import block_topk
 from ssd4rec_torchrec.serving.index import ExactIndex, build_index, recall_at_k
 
 

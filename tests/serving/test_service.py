@@ -17,7 +17,7 @@ pytest.importorskip("httpx2")
 from fastapi.testclient import TestClient
 
 from ssd4rec_torchrec.bundle import load_serving_bundle
-from ssd4rec_torchrec.eval.metrics import block_topk
+from ssd4rec_torchrec.ops.topk import block_topk
 from ssd4rec_torchrec.serving.index import ExactIndex
 from ssd4rec_torchrec.serving.recommender import Recommender, RecommendRequest
 from ssd4rec_torchrec.serving.service import create_app, load_service

@@ -133,6 +133,17 @@ void first_rows(const Dims& d, const float* x, const float* wT, const float* b, 
     conv_taps(d, x + lo * d.Ch, wT, b, 0, std::min<int64_t>(j, L - 1), pre.data() + j * d.Ch, U.data() + j * d.Ch);
 }
 
+// r[g] = q_g · B_g for every group g (N values each) of a query row q (C columns) and a conv output's B columns,
+// accumulated in Acc: double for the whole-window sum, float for the cut-conv terms.
+template <typename Acc>
+inline void group_dots(const Dims& d, const float* q, const float* uB, std::vector<double>& r) {
+  for (int64_t gg = 0; gg < d.G; ++gg) {
+    Acc dot = 0;
+    for (int64_t n = 0; n < d.N; ++n) dot += static_cast<Acc>(q[gg * d.N + n]) * uB[gg * d.N + n];
+    r[gg] = dot;
+  }
+}
+
 std::vector<float> transpose_w(const float* w, int64_t Ch, int64_t W) {
   std::vector<float> wT(W * Ch);
   for (int64_t c = 0; c < Ch; ++c)
@@ -176,11 +187,7 @@ at::Tensor prefix_reverse_forward(const at::Tensor& xBC_in, const at::Tensor& w_
         if (t >= W - 1) {  // the whole-window sum gains row k = t-W+1
           const int64_t k = t - W + 1;
           conv_taps(d, xs, wT.data(), bp, k, W - 1, pre.data(), u.data());
-          for (int64_t gg = 0; gg < G; ++gg) {
-            double dot = 0.0;
-            for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * u[Bo + gg * N + n];
-            r[gg] = dot;
-          }
+          group_dots<double>(d, Cs, u.data() + Bo, r);
           for (int64_t h = 0; h < H; ++h) {
             const double a = static_cast<double>(c[k * H + h]) * r[h / d.hpg];
             for (int64_t q = 0; q < P; ++q) acc[h * P + q] += a * u[h * P + q];
@@ -191,11 +198,7 @@ at::Tensor prefix_reverse_forward(const at::Tensor& xBC_in, const at::Tensor& w_
         for (int64_t j = 0; j <= std::min<int64_t>(W - 2, t); ++j) {
           const int64_t k = t - j;
           conv_taps(d, xs, wT.data(), bp, k, j, pre.data(), u.data());
-          for (int64_t gg = 0; gg < G; ++gg) {
-            float dot = 0.0f;
-            for (int64_t n = 0; n < N; ++n) dot += qrow[Co + gg * N + n] * u[Bo + gg * N + n];
-            r[gg] = dot;
-          }
+          group_dots<float>(d, qrow + Co, u.data() + Bo, r);
           for (int64_t h = 0; h < H; ++h) {
             const float coef = static_cast<float>(c[k * H + h] * r[h / d.hpg]);
             for (int64_t q = 0; q < P; ++q) out[h * P + q] += coef * u[h * P + q];
@@ -266,12 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int64_t j = 0; j <= std::min<int64_t>(W - 2, t); ++j) {  // cut-conv terms of row t
             const int64_t k = t - j;
             conv_taps(d, xs, wT.data(), bp, k, j, pre.data(), u.data());
-            for (int64_t gg = 0; gg < G; ++gg) {
-              float dot = 0.0f;
-              for (int64_t n = 0; n < N; ++n) dot += qrow[Co + gg * N + n] * u[Bo + gg * N + n];
-              r[gg] = dot;
-              dr[gg] = 0.0;
-            }
+            group_dots<float>(d, qrow + Co, u.data() + Bo, r);
+            std::fill(dr.begin(), dr.end(), 0.0);
             for (int64_t h = 0; h < H; ++h) {
               const float coef = static_cast<float>(c[k * H + h] * r[h / d.hpg]);
               float sdot = 0.0f;
@@ -293,12 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             for (int64_t e = 0; e < H * P; ++e) R[e] += gy[e];
             const int64_t k = t - W + 1;
             conv_taps(d, xs, wT.data(), bp, k, W - 1, pre.data(), u.data());
-            for (int64_t gg = 0; gg < G; ++gg) {
-              double dot = 0.0;
-              for (int64_t n = 0; n < N; ++n) dot += static_cast<double>(Cs[gg * N + n]) * u[Bo + gg * N + n];
-              r[gg] = dot;
-              dr[gg] = 0.0;
-            }
+            group_dots<double>(d, Cs, u.data() + Bo, r);
+            std::fill(dr.begin(), dr.end(), 0.0);
             for (int64_t h = 0; h < H; ++h) {
               const double a = static_cast<double>(c[k * H + h]) * r[h / d.hpg];
               double dah = 0.0;
