@@ -8,6 +8,7 @@ through the same (sharded) table, so their gradients reach the fused sparse opti
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -21,7 +22,7 @@ from .config import LossSection, ModelSection
 from .data.batches import FEATURES, SeqBatch, make_batch
 from .data.preprocess import FIRST_ITEM_INDEX, table_rows
 from .losses import full_softmax_cross_entropy, sampled_softmax_loss
-from .nn import BiSSDEncoder
+from .nn import BiSSDEncoder, EncoderConfig
 from .nn.baselines import BERT4RecEncoder, SASRecEncoder
 
 TABLE = "item_embedding"
@@ -48,13 +49,8 @@ def build_encoder(cfg: ModelSection) -> torch.nn.Module:
         cls = SASRecEncoder if cfg.name == "sasrec" else BERT4RecEncoder
         return cls(cfg.d_model, cfg.n_layers, cfg.n_heads, dropout=cfg.dropout, max_positions=cfg.max_positions,
                    norm_embedding=cfg.norm_embedding)
-    return BiSSDEncoder(
-        cfg.d_model, cfg.n_layers, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
-        chunk_size=cfg.chunk_size, dropout=cfg.dropout, beta=cfg.beta,
-        share_backward_weights=cfg.share_backward_weights, flip_back=cfg.flip_back, backward_scope=cfg.backward_scope,
-        norm_embedding=cfg.norm_embedding, positional=cfg.positional, max_positions=cfg.max_positions,
-        kernel=cfg.kernel, autocast=cfg.autocast,
-    )
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(EncoderConfig) if hasattr(cfg, f.name)}
+    return BiSSDEncoder.from_config(EncoderConfig(**shared))
 
 
 class RetrievalLoss(nn.Module):

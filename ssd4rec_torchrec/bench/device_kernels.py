@@ -225,7 +225,8 @@ def _encoder(d_model: int, chunk: int, kernel: str) -> torch.nn.Module:
     from ssd4rec_torchrec.nn import BiSSDEncoder, EncoderConfig
 
     torch.manual_seed(0)
-    return BiSSDEncoder.from_config(EncoderConfig(d_model=d_model, n_layers=2, chunk_size=chunk, kernel=kernel)).eval()
+    cfg = EncoderConfig.official(d_model=d_model, n_layers=2, chunk_size=chunk, kernel=kernel)
+    return BiSSDEncoder.from_config(cfg).eval()
 
 
 def _encode(enc: torch.nn.Module, x: torch.Tensor, offsets: torch.Tensor, gy: torch.Tensor,

@@ -94,7 +94,7 @@ class Point:
         self.variant, self.length, self.device = variant, length, device
         n = max(1, tokens // length)
         if variant.model == "bissd":
-            cfg = EncoderConfig(d_model=d_model, n_layers=2, kernel=variant.kernel or "auto",
+            cfg = EncoderConfig.official(d_model=d_model, n_layers=2, kernel=variant.kernel or "auto",
                                 autocast="bf16" if variant.precision == "bf16" else "none")
             self.enc: torch.nn.Module = BiSSDEncoder.from_config(cfg)
         else:

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "repeats": repeats,
         "length_mix": {"median": args.median_length, "sigma": 1.2, "max": args.max_length},
-        "config": {k: v for k, v in EncoderConfig().to_dict().items() if k not in ("d_model", "n_layers")},
+        "config": {k: v for k, v in EncoderConfig.official().to_dict().items() if k not in ("d_model", "n_layers")},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},

@@ -32,8 +32,9 @@ def make_compare_point(model: str, d_model: int, length: int, tokens: int, args:
     torch.manual_seed(args.seed)
     n = tokens // length
     if model in ("bissd", "bissd_noscan"):
-        cfg = EncoderConfig(d_model=d_model, n_layers=args.layers, kernel=args.kernel, chunk_size=args.chunk_size,
-                            gradient_checkpointing=args.checkpoint)
+        cfg = EncoderConfig.official(d_model=d_model, n_layers=args.layers, kernel=args.kernel,
+                                     chunk_size=args.chunk_size,
+                                     gradient_checkpointing=args.checkpoint)
         enc: torch.nn.Module = BiSSDEncoder.from_config(cfg)
     else:
         heads = args.sasrec_heads or max(1, d_model // 32)

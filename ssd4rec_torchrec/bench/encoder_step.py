@@ -117,7 +117,7 @@ def make_point(
     """A fresh official-shaped encoder (train mode, dropout on) and `total` packed random tokens."""
     torch.manual_seed(seed)
     lengths = segment_lengths(total, median=median, max_length=max_length, seed=seed)
-    cfg = EncoderConfig(
+    cfg = EncoderConfig.official(
         d_model=d_model, n_layers=layers, kernel=kernel, chunk_size=chunk_size, gradient_checkpointing=checkpoint
     )
     enc = BiSSDEncoder.from_config(cfg).to(device).train()

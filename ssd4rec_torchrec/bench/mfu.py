@@ -61,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="packed tokens per step (default 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per width (median kept)")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--d-state", type=int, default=EncoderConfig.d_state)
-    parser.add_argument("--headdim", type=int, default=EncoderConfig.headdim)
-    parser.add_argument("--chunk-size", type=int, default=EncoderConfig.chunk_size)
+    parser.add_argument("--d-state", type=int, default=EncoderConfig.official().d_state)
+    parser.add_argument("--headdim", type=int, default=EncoderConfig.official().headdim)
+    parser.add_argument("--chunk-size", type=int, default=EncoderConfig.official().chunk_size)
     parser.add_argument("--median-length", type=float, default=100.0, help="median segment length of the mix")
     parser.add_argument("--max-length", type=int, default=2048, help="longest segment of the mix")
     parser.add_argument("--gemm-size", type=int, default=None, help="n of the n x n x n fp32 GEMM peak (4096)")
@@ -130,7 +130,7 @@ def _point(d_model: int, tokens: int, args: argparse.Namespace) -> Point:
     """A train-mode encoder with this suite's sizes and `tokens` packed random tokens (encoder suite's mix)."""
     torch.manual_seed(args.seed)
     lengths = segment_lengths(tokens, median=args.median_length, max_length=args.max_length, seed=args.seed)
-    cfg = EncoderConfig(d_model=d_model, n_layers=args.layers, d_state=args.d_state, headdim=args.headdim,
+    cfg = EncoderConfig.official(d_model=d_model, n_layers=args.layers, d_state=args.d_state, headdim=args.headdim,
                         chunk_size=args.chunk_size, kernel="torch")
     enc = BiSSDEncoder.from_config(cfg).train()
     offsets = offsets_from_lengths(torch.tensor(lengths))

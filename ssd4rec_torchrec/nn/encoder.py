@@ -24,37 +24,46 @@ __all__ = ["BiSSDEncoder", "EncoderConfig", "init_official_"]
 
 @dataclass
 class EncoderConfig:
-    """Encoder hyper-parameters. Defaults are the official SSD4Rec ML-1M setting (`config.yaml`).
+    """Encoder hyper-parameters: the one place their defaults are written.
 
-    Official per dataset: ML-1M/KuaiRand n_layers=2, dropout=0.2, norm_embedding=True;
-    Beauty/Games n_layers=1, dropout=0.4, norm_embedding=False. Shared everywhere: d_model=256,
-    d_state=64, d_conv=4, expand=2, headdim=16 (32 heads), chunk_size=256, beta=0.1, no positions,
-    shared backward weights and an *un-flipped* backward output (`flip_back=False`, the code's quirk;
-    `True` is the aligned variant and must be labelled as such).
+    The defaults are the project's training defaults; ``config.ModelSection`` restates the ones it exposes in
+    YAML and a test holds the two equal, and ``BiSSDEncoder``'s keyword defaults are these. The official SSD4Rec
+    ML-1M setting (``config.yaml`` of the paper's code) is :meth:`official`: d_model=256, d_state=64,
+    chunk_size=256, an *un-flipped* backward output (``flip_back=False``, the code's quirk; ``True`` is the
+    aligned variant and must be labelled as such) and 4096 learned positions when enabled. Official per
+    dataset: ML-1M/KuaiRand n_layers=2, dropout=0.2, norm_embedding=True; Beauty/Games n_layers=1,
+    dropout=0.4, norm_embedding=False. Shared everywhere: d_conv=4, expand=2, headdim=16, beta=0.1, no
+    positions, shared backward weights.
     """
 
-    d_model: int = 256
+    d_model: int = 64
     n_layers: int = 2
-    d_state: int = 64
+    d_state: int = 32
     d_conv: int = 4
     expand: int = 2
     headdim: int = 16
     ngroups: int = 1
-    chunk_size: int = 256
+    chunk_size: int = 64
     dropout: float = 0.2
     embedding_dropout: float | None = None  # None: same as `dropout` (official)
     beta: float = 0.1
     share_backward_weights: bool = True
-    flip_back: bool = False
+    flip_back: bool = True
     backward_scope: Literal["sequence", "prefix"] = "sequence"
     norm_embedding: bool = True
     positional: Literal["none", "learned"] = "none"
-    max_positions: int = 4096
+    max_positions: int = 512
     ffn_mult: int = 4
     ln_eps: float = 1e-12
     kernel: str = "auto"
     gradient_checkpointing: bool = False  # recompute each layer in backward (memory for long packed batches)
     autocast: Literal["none", "bf16"] = "none"  # training: bf16 autocast for the layers' matmuls (output fp32)
+
+    @classmethod
+    def official(cls, **overrides: Any) -> EncoderConfig:
+        """The official SSD4Rec ML-1M encoder (see the class docstring), with ``overrides``."""
+        official = dict(d_model=256, d_state=64, chunk_size=256, flip_back=False, max_positions=4096)
+        return cls(**{**official, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,28 +98,28 @@ class BiSSDEncoder(nn.Module):
     def __init__(
         self,
         d_model: int,
-        n_layers: int = 2,
+        n_layers: int = EncoderConfig.n_layers,
         *,
-        d_state: int = 64,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 16,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dropout: float = 0.2,
-        embedding_dropout: float | None = None,
-        beta: float = 0.1,
-        share_backward_weights: bool = True,
-        flip_back: bool = True,
-        backward_scope: Literal["sequence", "prefix"] = "sequence",
-        norm_embedding: bool = True,
-        positional: Literal["none", "learned"] = "none",
-        max_positions: int = 4096,
-        ffn_mult: int = 4,
-        ln_eps: float = 1e-12,
-        kernel: str = "auto",
-        gradient_checkpointing: bool = False,
-        autocast: Literal["none", "bf16"] = "none",
+        d_state: int = EncoderConfig.d_state,
+        d_conv: int = EncoderConfig.d_conv,
+        expand: int = EncoderConfig.expand,
+        headdim: int = EncoderConfig.headdim,
+        ngroups: int = EncoderConfig.ngroups,
+        chunk_size: int = EncoderConfig.chunk_size,
+        dropout: float = EncoderConfig.dropout,
+        embedding_dropout: float | None = EncoderConfig.embedding_dropout,
+        beta: float = EncoderConfig.beta,
+        share_backward_weights: bool = EncoderConfig.share_backward_weights,
+        flip_back: bool = EncoderConfig.flip_back,
+        backward_scope: Literal["sequence", "prefix"] = EncoderConfig.backward_scope,
+        norm_embedding: bool = EncoderConfig.norm_embedding,
+        positional: Literal["none", "learned"] = EncoderConfig.positional,
+        max_positions: int = EncoderConfig.max_positions,
+        ffn_mult: int = EncoderConfig.ffn_mult,
+        ln_eps: float = EncoderConfig.ln_eps,
+        kernel: str = EncoderConfig.kernel,
+        gradient_checkpointing: bool = EncoderConfig.gradient_checkpointing,
+        autocast: Literal["none", "bf16"] = EncoderConfig.autocast,
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()

@@ -180,8 +180,8 @@ def test_autocast_option_runs_the_layers_in_bf16() -> None:
         BiSSDEncoder(16, 1, autocast="fp8")
 
 
-def test_config_defaults_are_official_ml1m() -> None:
-    cfg = EncoderConfig()
+def test_official_config_is_the_papers_ml1m_encoder() -> None:
+    cfg = EncoderConfig.official()
     assert (cfg.d_model, cfg.n_layers, cfg.d_state, cfg.headdim, cfg.expand, cfg.d_conv) == (256, 2, 64, 16, 2, 4)
     assert (cfg.dropout, cfg.beta, cfg.norm_embedding, cfg.positional) == (0.2, 0.1, True, "none")
     assert cfg.share_backward_weights and not cfg.flip_back and cfg.chunk_size == 256
@@ -212,3 +212,19 @@ def test_gradient_checkpointing_gives_the_same_step() -> None:
     torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
     for a, b in zip(gp0, gp1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_one_set_of_encoder_defaults() -> None:
+    """``BiSSDEncoder``'s keyword defaults are ``EncoderConfig``'s, and the config schema's model section
+    restates exactly those for every field it exposes."""
+    import dataclasses
+    import inspect
+
+    from ssd4rec_torchrec.config import ModelSection
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EncoderConfig)}
+    params = inspect.signature(BiSSDEncoder.__init__).parameters
+    assert {n: p.default for n, p in params.items() if n in defaults and n != "d_model"} == {
+        n: v for n, v in defaults.items() if n != "d_model"}
+    section = {f.name: f.default for f in dataclasses.fields(ModelSection) if f.name in defaults}
+    assert len(section) >= 15 and section == {n: defaults[n] for n in section}
