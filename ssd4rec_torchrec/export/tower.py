@@ -27,14 +27,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import BiSSDEncoder
+from ..nn.baselines import JaggedTransformerEncoder
 from ..nn.layers import BiSSDLayer
 from ..nn.mixer import SSDMixer
+from ..ops.attention import windowed_attention_traceable
 from ..ops.conv import varlen_conv_silu_traceable
 from ..ops.norm import gated_rms_norm_traceable
 from ..ops.prefix_reverse import prefix_reverse_scan_traceable
 from ..ops.ssd import ssd_scan_traceable
 
-__all__ = ["READOUTS", "UserTower"]
+__all__ = ["READOUTS", "TransformerTower", "UserTower", "build_tower"]
 
 READOUTS = ("last", "append_mask")
 
@@ -127,18 +129,9 @@ class UserTower(nn.Module):
         self.l2_normalize = l2_normalize
 
     def forward(self, item_indices: Tensor, offsets: Tensor) -> Tensor:
-        n_seg = offsets.shape[0] - 1
-        if self.readout == "append_mask":
-            seg = _segment_ids(offsets, item_indices.shape[0])
-            offsets = offsets + torch.arange(n_seg + 1, device=offsets.device, dtype=offsets.dtype)
-            ends = offsets[1:] - 1
-            n_tok = item_indices.shape[0] + n_seg
-            tokens = torch.full((n_tok,), self.num_items + 1, dtype=item_indices.dtype, device=item_indices.device)
-            tokens = tokens.index_put((torch.arange(item_indices.shape[0], device=seg.device) + seg,), item_indices)
-        else:
-            ends = offsets[1:] - 1
-            tokens, n_tok = item_indices, item_indices.shape[0]
+        tokens, offsets, ends = _readout_tokens(item_indices, offsets, self.readout, self.num_items + 1)
         enc = self.encoder
+        n_tok = tokens.shape[0]
         seg = _segment_ids(offsets, n_tok)
         t = torch.arange(n_tok, device=offsets.device, dtype=torch.int64)
         pos = t - offsets[seg]
@@ -152,3 +145,74 @@ class UserTower(nn.Module):
             h = _layer(layer, h, seg, pos, rev)
         user = h.index_select(0, ends).float()  # (h[ends] would guard on T != 1)
         return F.normalize(user, dim=-1) if self.l2_normalize else user
+
+
+def _readout_tokens(item_indices: Tensor, offsets: Tensor, readout: str, mask_token: int
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(tokens, offsets, ends)`` the encoder reads: ``append_mask`` inserts ``mask_token`` after every
+    history (a scatter, no padding) and shifts the offsets; ``ends`` is each history's read-out token."""
+    if readout != "append_mask":
+        return item_indices, offsets, offsets[1:] - 1
+    n_seg = offsets.shape[0] - 1
+    seg = _segment_ids(offsets, item_indices.shape[0])
+    offsets = offsets + torch.arange(n_seg + 1, device=offsets.device, dtype=offsets.dtype)
+    tokens = torch.full((item_indices.shape[0] + n_seg,), mask_token, dtype=item_indices.dtype,
+                        device=item_indices.device)
+    tokens = tokens.index_put((torch.arange(item_indices.shape[0], device=seg.device) + seg,), item_indices)
+    return tokens, offsets, offsets[1:] - 1
+
+
+class TransformerTower(nn.Module):
+    """The baselines' (SASRec, BERT4Rec) user tower: same contract as :class:`UserTower`.
+
+    Each history is encoded over a fixed ``window`` of its most recent tokens (the mask token included),
+    the window the model was trained and evaluated on: positions count from the window's first token and
+    attention runs on a ``(B, window)`` layout (``ops.attention.windowed_attention_traceable``). Dropout is
+    skipped (inference).
+    """
+
+    def __init__(self, table: Tensor, encoder: JaggedTransformerEncoder, *, num_items: int, readout: str,
+                 l2_normalize: bool, window: int) -> None:
+        super().__init__()
+        if not isinstance(encoder, JaggedTransformerEncoder):
+            raise ValueError(f"expected a SASRec/BERT4Rec encoder, got {type(encoder).__name__}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if table.shape[0] != num_items + 2:
+            raise ValueError(f"table has {table.shape[0]} rows, expected num_items + 2 = {num_items + 2}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.item_embedding = nn.Embedding.from_pretrained(table.detach().float(), freeze=True)
+        self.encoder = encoder
+        self.num_items, self.readout, self.l2_normalize, self.window = num_items, readout, l2_normalize, window
+
+    def forward(self, item_indices: Tensor, offsets: Tensor) -> Tensor:
+        tokens, offsets, ends = _readout_tokens(item_indices, offsets, self.readout, self.num_items + 1)
+        enc, n_tok, n_seg = self.encoder, tokens.shape[0], offsets.shape[0] - 1
+        seg = _segment_ids(offsets, n_tok)
+        pos = torch.arange(n_tok, device=offsets.device, dtype=torch.int64) - offsets[seg]
+        length = (offsets[1:] - offsets[:-1])[seg]
+        slot = pos - (length - self.window).clamp(min=0)  # < 0: older than the window
+        h = self.item_embedding(tokens) + enc.position_embedding(slot.clamp(min=0, max=enc.max_positions - 1))
+        if enc.LayerNorm is not None:
+            h = enc.LayerNorm(h)
+        for block in enc.layers:
+            qkv = block.qkv(h)
+            a = block.out_proj(windowed_attention_traceable(qkv, seg, slot, n_seg, self.window, block.n_heads,
+                                                            causal=enc.causal))
+            h = block.norm1(h + a)
+            h = block.norm2(h + block.ffn_out(F.gelu(block.ffn_in(h))))
+        user = h.index_select(0, ends).float()
+        return F.normalize(user, dim=-1) if self.l2_normalize else user
+
+
+def build_tower(table: Tensor, encoder: nn.Module, *, num_items: int, readout: str, l2_normalize: bool,
+                window: int | None) -> nn.Module:
+    """The serving tower of a trained encoder: :class:`UserTower` (Bi-SSD, any history length) or
+    :class:`TransformerTower` (``window``: the most recent tokens it reads, the read-out's mask included)."""
+    if isinstance(encoder, BiSSDEncoder):
+        return UserTower(table, encoder, num_items=num_items, readout=readout, l2_normalize=l2_normalize)
+    if window is None:
+        raise ValueError("a transformer tower needs a window (its training history length)")
+    return TransformerTower(table, encoder, num_items=num_items, readout=readout, l2_normalize=l2_normalize,
+                            window=window)

@@ -35,7 +35,7 @@ from ..data.preprocess import FIRST_ITEM_INDEX, mask_index
 from ..eval.sharded import local_item_blocks
 from ..job import restore
 from .safetensors_stream import SafetensorsWriter
-from .tower import UserTower
+from .tower import build_tower
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,16 @@ def _histories(split, users: np.ndarray, max_history: int | None) -> tuple[torch
     return torch.from_numpy(values), torch.from_numpy(offsets)
 
 
-def export_tower(tower: UserTower, example: tuple[torch.Tensor, torch.Tensor]) -> torch.export.ExportedProgram:
+def served_history(cfg: TrainConfig) -> int | None:
+    """The most recent items of a history the exported model reads: ``objective.max_history`` (None: all, for
+    the Bi-SSD tower); a transformer tower has a fixed window, so without a training window it reads the most
+    recent ``model.max_positions`` tokens (the read-out's mask token included)."""
+    if cfg.model.name == "ssd4rec" or cfg.objective.max_history is not None:
+        return cfg.objective.max_history
+    return cfg.model.max_positions - (READOUT[cfg.objective.name] == "append_mask")
+
+
+def export_tower(tower: torch.nn.Module, example: tuple[torch.Tensor, torch.Tensor]) -> torch.export.ExportedProgram:
     """``torch.export`` with dynamic T and B. Size-oblivious reasoning keeps sizes 1 (one user, one item)
     on the general path instead of guarding them away."""
     import torch.fx.experimental._config as fx_config
@@ -230,10 +239,12 @@ def _finish_on_rank0(cfg: TrainConfig, dmp, ds, split, tmp: Path, table: np.memm
 
     encoder = model.encoder
     encoder.eval()
-    tower = UserTower(torch.from_numpy(np.array(table)), encoder, num_items=n, readout=readout,
-                      l2_normalize=model.l2_normalize).eval()
+    max_history = served_history(cfg)
+    window = None if max_history is None else max_history + (readout == "append_mask")
+    tower = build_tower(torch.from_numpy(np.array(table)), encoder, num_items=n, readout=readout,
+                        l2_normalize=model.l2_normalize, window=window).eval()
     users, eager = parity
-    hv, ho = _histories(split, users, cfg.objective.max_history)
+    hv, ho = _histories(split, users, max_history)
     t0 = time.perf_counter()
     ep = export_tower(tower, (hv, ho))
     export_s = time.perf_counter() - t0
@@ -265,7 +276,7 @@ def _finish_on_rank0(cfg: TrainConfig, dmp, ds, split, tmp: Path, table: np.memm
         num_users = len(split.test_offsets) - 1
         pick = np.unique(np.linspace(0, num_users - 1, min(recall_users, num_users)).astype(np.int64))
         with torch.no_grad():
-            vectors = torch.cat([program(*_histories(split, pick[s:s + 512], cfg.objective.max_history))
+            vectors = torch.cat([program(*_histories(split, pick[s:s + 512], max_history))
                                  for s in range(0, len(pick), 512)])
         recall = quantization_recall(vectors, tmp, dtypes, n)
         for r in recall.values():
@@ -286,7 +297,7 @@ def _finish_on_rank0(cfg: TrainConfig, dmp, ds, split, tmp: Path, table: np.memm
         "objective": objective,
         "readout": readout,
         "mask_index": mask_index(n),
-        "max_history": cfg.objective.max_history,
+        "max_history": max_history,
         "l2_normalize": bool(model.l2_normalize),
         "config": cfg.to_dict(),
         "metrics": metrics,
@@ -316,8 +327,6 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
     """Collective. Writes the bundle at ``out``; returns the manifest on rank 0 (None elsewhere)."""
     dtypes = dtypes or ["fp32"]
     out = Path(out)
-    if cfg.model.name != "ssd4rec":
-        raise ValueError(f"model.name {cfg.model.name!r}: only the Bi-SSD encoder (ssd4rec) can be exported")
     if cfg.objective.name not in READOUT:
         raise ValueError(f"objective {cfg.objective.name!r} has no serving read-out")
     if out.exists() and not force:
@@ -329,7 +338,7 @@ def export_bundle(cfg: TrainConfig, out: str | Path, *, checkpoint: str = "best"
     dmp.module.eval()
     # Eager reference vectors for the parity check: the lookup is collective, so every rank runs one batch.
     batch = next(iter(eval_batches(split, ds.num_items, "test", objective=cfg.objective.name,
-                                   batch_users=parity_users, max_history=cfg.objective.max_history,
+                                   batch_users=parity_users, max_history=served_history(cfg),
                                    rank=ctx.rank, world_size=ctx.world_size)))
     eager = dmp.module.user_vectors(batch.to(ctx.device)).float().cpu()
     keep = (batch.weights > 0).numpy()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["JaggedAttentionPlan", "jagged_attention"]
+__all__ = ["JaggedAttentionPlan", "jagged_attention", "windowed_attention_traceable"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +138,31 @@ def jagged_attention(
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=c.key_mask, dropout_p=dropout_p, is_causal=causal)
         outs.append(o.transpose(1, 2).reshape(c.n * c.length, d))
     return torch.cat(outs)[plan.inverse]
+
+
+def windowed_attention_traceable(qkv: torch.Tensor, seg: torch.Tensor, slot: torch.Tensor, num_segments: int,
+                                 window: int, n_heads: int, *, causal: bool) -> torch.Tensor:
+    """:func:`jagged_attention` (inference) in a ``torch.export``-able form over a fixed window.
+
+    Token ``i`` of segment ``seg[i]`` sits at ``slot[i]`` in ``0..window-1`` of its segment's row of a
+    ``(num_segments, window)`` layout; a token with ``slot < 0`` is outside the window (it attends to nothing
+    and its output is zero). Every kept token attends to the kept tokens of its segment (only to earlier slots
+    when ``causal``). Same mathematics as the bucketed eager op, without its data-dependent bucketing:
+    ``qkv (T, 3d)`` -> context ``(T, d)``.
+    """
+    three_d = qkv.shape[1]
+    d = three_d // 3
+    dh = d // n_heads
+    trash = num_segments * window  # the one row every out-of-window token is written to (and never read)
+    flat = torch.where(slot >= 0, seg * window + slot, torch.full_like(slot, trash))
+    rows = qkv.new_zeros(trash + 1, three_d).index_put((flat,), qkv)
+    valid = torch.zeros(trash + 1, dtype=torch.bool, device=qkv.device).index_put(
+        (flat,), torch.ones_like(flat, dtype=torch.bool))
+    q, k, v = rows[:trash].view(num_segments, window, 3, n_heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    eye = torch.eye(window, dtype=torch.bool, device=qkv.device)
+    mask = valid[:trash].view(num_segments, 1, 1, window)
+    if causal:
+        mask = mask & torch.ones(window, window, dtype=torch.bool, device=qkv.device).tril()
+    mask = mask | eye  # padded query rows see themselves: no row is empty, nothing is NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(trash, d)
+    return torch.cat([out, out.new_zeros(1, d)]).index_select(0, flat)
