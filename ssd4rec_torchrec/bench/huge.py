@@ -167,7 +167,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from ..eval.sharded import sharded_score_ranks, sharded_topk
     from ..job import build_run, init_distributed, prepare_data
     from ..model import TABLE
-    from ..train.loop import build_train_loader, count_tokens
+    from ..train.loop import build_train_loader, count_tokens, pipeline_steps
 
     cfg = load_train_config(args.config, args.overrides)
     ctx = init_distributed()
@@ -203,13 +203,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     tokens = [0]
     batches = count_tokens(itertools.islice(loader.epoch(0), steps), tokens)
     losses, step_seconds = [], 0.0
-    for _ in tqdm(range(steps), desc="epoch 0", disable=not ctx.is_main, mininterval=2.0, dynamic_ncols=True):
-        t0 = time.perf_counter()
-        try:
-            loss, _ = pipeline.progress(batches)
-        except StopIteration:
-            break
-        step_seconds += time.perf_counter() - t0
+    for loss, seconds in tqdm(pipeline_steps(pipeline, batches), total=steps, desc="epoch 0",
+                              disable=not ctx.is_main, mininterval=2.0, dynamic_ncols=True):
+        step_seconds += seconds
         losses.append(float(loss))
     pipeline.detach()
     all_tokens = torch.tensor(tokens, dtype=torch.long)

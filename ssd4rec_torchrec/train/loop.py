@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -58,7 +59,7 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingStopped", "build_train_loader", "count_tokens", "format_metrics_table", "train"]
+__all__ = ["TrainingStopped", "build_train_loader", "count_tokens", "format_metrics_table", "pipeline_steps", "train"]
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -91,6 +92,21 @@ def build_train_loader(cfg: TrainConfig, split, n_items: int, ctx: DistContext) 
     if cfg.train.max_steps_per_epoch:  # a shorter epoch (smoke tests, timing a huge config)
         steps = min(steps, cfg.train.max_steps_per_epoch)
     return loader, steps
+
+
+def pipeline_steps(pipeline, batches: Iterator, before_step: Callable[[], None] | None = None
+                   ) -> Iterator[tuple[torch.Tensor, float]]:
+    """The one step loop every trainer shares: drive a TorchRec train pipeline over ``batches``, yielding each
+    step's loss and the seconds its ``progress`` took (``before_step`` runs first, untimed: the learning rate)."""
+    while True:
+        if before_step is not None:
+            before_step()
+        t0 = time.perf_counter()
+        try:
+            loss, _rows = pipeline.progress(batches)
+        except StopIteration:
+            return
+        yield loss, time.perf_counter() - t0
 
 
 def count_tokens(batches, counter: list[int]):
@@ -258,42 +274,40 @@ class TrainingSession:
         self.bars[:] = [bar]
         epoch_seconds, loss_sum, loss_n = 0.0, 0.0, 0  # time spent in training steps only (no eval/checkpoint)
         out_of_time = False
-        while True:
-            set_dense_lr(self.job.optimizer, dense_lr(state.global_step, cfg.train.epochs * steps_per_epoch,
-                                                      cfg.train))
-            t0 = time.perf_counter()
-            try:
-                loss, _rows = pipeline.progress(batches)
-            except StopIteration:
-                break
-            except NonFiniteError as e:
-                raise self._stop(
-                    f"non-finite {e.quantity} at epoch {epoch} step {state.step + 1} (global step "
-                    f"{state.global_step + 1}); stopped (train.on_nonfinite: stop), latest checkpoint: "
-                    f"{latest_checkpoint(self.ckpt_root) or 'none'}", EXIT_NONFINITE) from None
-            epoch_seconds += time.perf_counter() - t0
-            state.step += 1
-            state.global_step += 1
-            if pipeline.skipped is not None:
-                self._record_skipped(epoch, pipeline.skipped)
-            else:
-                loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
-                bar.set_postfix(loss=f"{float(loss):.4f}", tok_s=f"{tokens[0] * ctx.world_size / epoch_seconds:.0f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", float(loss), state.global_step)
-            bar.update(1)
-            if budget_reached(state.train_seconds + epoch_seconds, budget):
-                out_of_time = True
-                break
-            if every and state.step % every == 0 and state.step < steps_per_epoch:
-                state.train_seconds += epoch_seconds
-                epoch_seconds = 0.0
-                self.save()
-            if state.step < steps_per_epoch and self.preemption.requested():
-                state.train_seconds += epoch_seconds
-                epoch_seconds = 0.0
-                self.save()
-                self._stop_if_preempted(f"at epoch {epoch} step {state.step}")
+        def set_lr() -> None:
+            set_dense_lr(self.job.optimizer, dense_lr(state.global_step, cfg.train.epochs * steps_per_epoch, cfg.train))
+
+        try:
+            for loss, seconds in pipeline_steps(pipeline, batches, before_step=set_lr):
+                epoch_seconds += seconds
+                state.step += 1
+                state.global_step += 1
+                if pipeline.skipped is not None:
+                    self._record_skipped(epoch, pipeline.skipped)
+                else:
+                    loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+                    bar.set_postfix(loss=f"{float(loss):.4f}",
+                                    tok_s=f"{tokens[0] * ctx.world_size / epoch_seconds:.0f}")
+                    if self.writer is not None:
+                        self.writer.add_scalar("train/loss", float(loss), state.global_step)
+                bar.update(1)
+                if budget_reached(state.train_seconds + epoch_seconds, budget):
+                    out_of_time = True
+                    break
+                if every and state.step % every == 0 and state.step < steps_per_epoch:
+                    state.train_seconds += epoch_seconds
+                    epoch_seconds = 0.0
+                    self.save()
+                if state.step < steps_per_epoch and self.preemption.requested():
+                    state.train_seconds += epoch_seconds
+                    epoch_seconds = 0.0
+                    self.save()
+                    self._stop_if_preempted(f"at epoch {epoch} step {state.step}")
+        except NonFiniteError as e:
+            raise self._stop(
+                f"non-finite {e.quantity} at epoch {epoch} step {state.step + 1} (global step "
+                f"{state.global_step + 1}); stopped (train.on_nonfinite: stop), latest checkpoint: "
+                f"{latest_checkpoint(self.ckpt_root) or 'none'}", EXIT_NONFINITE) from None
         pipeline.detach()
         bar.close()
         state.train_seconds += epoch_seconds
