@@ -104,6 +104,13 @@ def _layer(layer: BiSSDLayer, x: Tensor, seg: Tensor, pos: Tensor, rev: Tensor) 
     return ffn.LayerNorm(ffn.w_2(ffn.activation(ffn.w_1(h))) + h)
 
 
+def _check_tower_args(table: Tensor, num_items: int, readout: str) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+    if table.shape[0] != num_items + 2:
+        raise ValueError(f"table has {table.shape[0]} rows, expected num_items + 2 = {num_items + 2}")
+
+
 class UserTower(nn.Module):
     """``forward(item_indices (T,) int64, offsets (B+1,) int64) -> (B, d) float32`` user vectors.
 
@@ -118,10 +125,7 @@ class UserTower(nn.Module):
         super().__init__()
         if not isinstance(encoder, BiSSDEncoder):
             raise ValueError(f"only the Bi-SSD encoder can be exported, got {type(encoder).__name__}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if table.shape[0] != num_items + 2:
-            raise ValueError(f"table has {table.shape[0]} rows, expected num_items + 2 = {num_items + 2}")
+        _check_tower_args(table, num_items, readout)
         self.item_embedding = nn.Embedding.from_pretrained(table.detach().float(), freeze=True)
         self.encoder = encoder
         self.num_items = num_items
@@ -176,10 +180,7 @@ class TransformerTower(nn.Module):
         super().__init__()
         if not isinstance(encoder, JaggedTransformerEncoder):
             raise ValueError(f"expected a SASRec/BERT4Rec encoder, got {type(encoder).__name__}")
-        if readout not in READOUTS:
-            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
-        if table.shape[0] != num_items + 2:
-            raise ValueError(f"table has {table.shape[0]} rows, expected num_items + 2 = {num_items + 2}")
+        _check_tower_args(table, num_items, readout)
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.item_embedding = nn.Embedding.from_pretrained(table.detach().float(), freeze=True)
