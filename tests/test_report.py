@@ -198,6 +198,16 @@ def test_train_command(suite_file, tmp_path):
     assert cmd[cmd.index("--set") + 1] == "train.time_budget_s=600.0"
 
 
+@pytest.mark.parametrize("suite_path", sorted((REPO / "configs" / "report").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_suites_load(suite_path, monkeypatch):
+    """Every suite under configs/report/ parses and each run's resolved config (its ``set`` plus its cap)
+    validates, so a typo in a suite fails here rather than an hour into a report."""
+    monkeypatch.chdir(REPO)  # suites name their configs relative to the repository root
+    suite = load_suite(suite_path)
+    assert suite.world_size == 2 and suite.time_budget_s is not None
+    assert all(Path(run.config).is_file() for run in suite.runs)
+
+
 def test_run_budget_must_be_positive(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "runs": [{"name": "a", "config": TINY, "time_budget_s": 0}]}))
