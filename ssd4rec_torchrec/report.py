@@ -260,7 +260,9 @@ def collect(suite: Suite, out: Path) -> dict[str, Any]:
         run_dir = out / "runs" / slugify(run.name)
         metrics = _read_json(run_dir / "metrics.json")
         status = _read_json(run_dir / STATUS) or {}
-        entry: dict[str, Any] = {"name": run.name, "slug": slugify(run.name), "run_dir": str(run_dir)}
+        cap = suite.time_budget_s if run.time_budget_s is None else run.time_budget_s
+        entry: dict[str, Any] = {"name": run.name, "slug": slugify(run.name), "run_dir": str(run_dir),
+                                 "time_budget_s": cap}
         if status.get("machine"):
             machines.append(status["machine"])
         if metrics is None:
@@ -370,6 +372,10 @@ def conditions(data: dict[str, Any]) -> str:
     """The one-paragraph run conditions under the table."""
     budget = "no time budget" if data["time_budget_s"] is None else (
         f"time budget {data['time_budget_s']:g} s of training steps per run (validation/checkpoint time excluded)")
+    own = [f"{r['name']} {r['time_budget_s']:g} s" for r in data["runs"]
+           if r.get("time_budget_s") is not None and r["time_budget_s"] != data["time_budget_s"]]
+    if own:  # runs capped apart from the suite's equal-time comparison
+        budget += " (own caps: " + "; ".join(own) + ")"
     seeds = data.get("seeds") or []
     seed = f"seed {seeds[0]} for all runs" if len(seeds) == 1 else f"seeds {seeds}" if seeds else "one seed"
     return (f"Suite `{data['suite']}`, trained {data['date'] or '(no finished run)'} on {data['machine']}, "

@@ -53,7 +53,8 @@ def _metrics(base: float, *, budget: bool = True) -> dict:
 def suite_file(tmp_path) -> Path:
     suite = {"name": "fake-suite", "world_size": 2, "time_budget_s": 90, "runs": [
         {"name": "SSD4Rec (cloze)", "config": TINY, "set": ["objective.name=cloze"]},
-        {"name": "SASRec (next)", "config": TINY, "set": ["model.name=sasrec", "objective.name=next"]},
+        {"name": "SASRec (next)", "config": TINY, "set": ["model.name=sasrec", "objective.name=next"],
+         "time_budget_s": 120},
         {"name": "Broken", "config": TINY},
         {"name": "Never run", "config": TINY},
     ]}
@@ -93,6 +94,7 @@ def test_render_table_has_exactly_the_run_numbers(suite_file, out):
         f"{_metrics(0)['popularity']['test']['filtered'][m]:.4f}" for m in METRICS]
     assert "| Broken | failed (log: `" in md and "| Never run | not run |" in md
     assert "world size 2" in md and "time budget 90 s" in md
+    assert "(own caps: SASRec (next) 120 s)" in md  # a run's own cap is stated; the suite's is not repeated
 
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(data))
@@ -190,7 +192,9 @@ def test_train_command(suite_file, tmp_path):
     suite = load_suite(suite_file)
     cmd = train_command(suite, suite.runs[1], tmp_path / "r")
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    assert cmd[cmd.index("--set") + 1:] == ["train.time_budget_s=90.0", "model.name=sasrec", "objective.name=next"]
+    assert cmd[cmd.index("--set") + 1:] == ["train.time_budget_s=120.0", "model.name=sasrec", "objective.name=next"]
+    cmd = train_command(suite, suite.runs[0], tmp_path / "r")  # no cap of its own: the suite's
+    assert cmd[cmd.index("--set") + 1:] == ["train.time_budget_s=90.0", "objective.name=cloze"]
     suite.world_size = 1
     assert train_command(suite, suite.runs[0], tmp_path / "r")[1].endswith("apps/train.py")
     suite.runs[1].time_budget_s = 600.0  # a run's own cap replaces the suite's
