@@ -117,8 +117,13 @@ def load_suite(path: str | Path) -> Suite:
     return suite
 
 
+def run_budget(suite: Suite, run: SuiteRun | None = None) -> float | None:
+    """The cap a run trains under: its own ``time_budget_s`` when it has one, else the suite's."""
+    return run.time_budget_s if run is not None and run.time_budget_s is not None else suite.time_budget_s
+
+
 def _budget_override(suite: Suite, run: SuiteRun | None = None) -> list[str]:
-    budget = run.time_budget_s if run is not None and run.time_budget_s is not None else suite.time_budget_s
+    budget = run_budget(suite, run)
     return [] if budget is None else [f"train.time_budget_s={budget}"]
 
 
@@ -260,9 +265,8 @@ def collect(suite: Suite, out: Path) -> dict[str, Any]:
         run_dir = out / "runs" / slugify(run.name)
         metrics = _read_json(run_dir / "metrics.json")
         status = _read_json(run_dir / STATUS) or {}
-        cap = suite.time_budget_s if run.time_budget_s is None else run.time_budget_s
         entry: dict[str, Any] = {"name": run.name, "slug": slugify(run.name), "run_dir": str(run_dir),
-                                 "time_budget_s": cap}
+                                 "time_budget_s": run_budget(suite, run)}
         if status.get("machine"):
             machines.append(status["machine"])
         if metrics is None:
